@@ -1,0 +1,54 @@
+"""Task registry: turns the name the user typed (``--task SST-2``) into a :class:`Task`.
+
+Names are matched case-insensitively and ignoring ``-``/``_`` so that the official spellings
+(``SST-2``, ``STS-B``) and the hub's (``sst2``, ``stsb``) all work. An unknown name is a
+:class:`TicketlabError` that lists the known names and suggests the closest one.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+
+from ticketlab.errors import TicketlabError
+from ticketlab.tasks.base import DataSource, Task
+from ticketlab.tasks.glue import GLUE_TASKS
+from ticketlab.tasks.text_classification import TextClassificationTask
+
+#: Canonical name -> factory(source) building the task.
+_FACTORIES: dict[str, Callable[[DataSource | None], Task]] = {
+    **GLUE_TASKS,
+    "csv": lambda source: TextClassificationTask("csv", source),
+    "json": lambda source: TextClassificationTask("json", source),
+    # SQuAD ("squad", question-answering head) and MLM ("mlm", masked-lm head) are registered
+    # here by a later issue, e.g. ``"squad": SquadTask, "mlm": MlmTask``; add their names to
+    # the factories only, TASK_NAMES and the suggestions follow automatically.
+}
+
+#: Every task name :func:`get_task` accepts (canonical spellings).
+TASK_NAMES: tuple[str, ...] = tuple(_FACTORIES)
+
+#: Extra spellings -> canonical name (after lower-casing and dropping "-" and "_").
+_ALIASES = {"jsonl": "json", "tsv": "csv"}
+
+
+def _normalise(name: str) -> str:
+    """``SST-2`` -> ``sst2``, ``sts_b`` -> ``stsb``: one key per task however it is spelled."""
+    return name.strip().lower().replace("-", "").replace("_", "")
+
+
+def get_task(name: str, source: DataSource | None = None) -> Task:
+    """Build the task called ``name``; ``source`` is handed to tasks that need it up front."""
+    key = _normalise(name)
+    key = _ALIASES.get(key, key)
+    if key not in _FACTORIES:
+        close = difflib.get_close_matches(key, TASK_NAMES, n=3, cutoff=0.5)
+        hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+        raise TicketlabError(
+            f"unknown task {name!r}",
+            f"{hint}known tasks: {', '.join(TASK_NAMES)}",
+        )
+    return _FACTORIES[key](source)
+
+
+__all__ = ["TASK_NAMES", "DataSource", "Task", "get_task"]

@@ -1,0 +1,88 @@
+"""What a task is: where its data comes from, how it becomes model inputs, how it is scored.
+
+The training loop (:mod:`ticketlab.train`) is shared by every task. A task only answers the
+questions that really differ between GLUE, SQuAD and MLM: which head the model needs, how raw
+examples become tokenised features, how a batch is collated and how predictions are scored.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: The ``AutoModelFor...`` family a task needs. Masks transfer between heads because the
+#: prunable set is the encoder body's, which all of them share.
+HEADS = ("sequence-classification", "question-answering", "masked-lm")
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where a task reads its data: a local folder or file, or the hub when ``path`` is None.
+
+    ``options`` holds task-specific settings (column names for the generic CSV/JSON task);
+    they are part of the run's hparams, so they are plain strings.
+    """
+
+    path: Path | None = None
+    options: dict[str, str] = field(default_factory=dict)
+
+
+class Task(ABC):
+    """A task: data loading, featurisation, collation and metrics.
+
+    Subclasses set ``name``, ``head``, ``main_metric`` and the splits. ``eval_splits`` maps each
+    evaluation split to the prefix its metrics get (MNLI: ``{"dev_matched": "",
+    "dev_mismatched": "mm_"}``), so one flat metrics dict covers every evaluation set.
+    """
+
+    name: str
+    head: str = "sequence-classification"
+    main_metric: str = "accuracy"
+    train_split: str = "train"
+    eval_splits: dict[str, str] = {"dev": ""}
+
+    @abstractmethod
+    def load(self, source: DataSource, split: str) -> list[dict[str, Any]]:
+        """Read raw examples of ``split``. Raise TicketlabError on missing/empty/malformed data."""
+
+    @abstractmethod
+    def num_labels(self, train_examples: list[dict[str, Any]] | None = None) -> int:
+        """How many outputs the head needs (1 = regression)."""
+
+    @abstractmethod
+    def featurize(
+        self, examples: list[dict[str, Any]], tokenizer: Any, max_length: int, split: str
+    ) -> dict[str, list]:
+        """Tokenise examples into a dict of equal-length lists (``input_ids``, ``labels``...)."""
+
+    @abstractmethod
+    def collator(self, tokenizer: Any) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+        """A function that pads a list of features into a batch of tensors."""
+
+    @abstractmethod
+    def compute_metrics(
+        self,
+        outputs: dict[str, np.ndarray],
+        features: dict[str, list],
+        examples: list[dict[str, Any]],
+    ) -> dict[str, float]:
+        """Score the model's concatenated outputs (e.g. ``logits``) on one evaluation split."""
+
+    #: Keys of the model output that evaluation gathers for :meth:`compute_metrics`.
+    output_keys: tuple[str, ...] = ("logits",)
+
+
+def default_batch_outputs(
+    task: Task, outputs: Any, batch: dict[str, Any]
+) -> dict[str, np.ndarray]:
+    """What evaluation keeps of one batch: the task's ``output_keys`` as float32 numpy arrays.
+
+    A task whose raw outputs are too large to keep (MLM logits are batch × length × vocab)
+    defines ``batch_outputs(outputs, batch)`` to reduce them on the fly instead.
+    """
+    return {k: outputs[k].detach().float().cpu().numpy() for k in task.output_keys}

@@ -1,0 +1,206 @@
+"""What every sequence-classification task shares: featurisation, collation and metrics.
+
+GLUE and the generic CSV/JSON task differ only in where examples come from. Once they are
+examples (``{"text_a", "text_b", "label", "idx"}``) the path to the model is identical, so it
+lives here once: one batched tokeniser call without padding (batches are padded dynamically to
+their longest member, which is much cheaper than padding everything to ``max_length``), a
+collator that pads and fixes the label dtype, and metrics computed offline with scikit-learn
+and scipy (never ``evaluate.load``, which needs the network).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from abc import abstractmethod
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ticketlab.tasks.base import Task
+
+MetricFn = Callable[[np.ndarray, np.ndarray], float]
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics. All return plain floats in 0..1 (correlations in -1..1), never percents, so that
+# every task's numbers are on the same scale in logs and result files.
+# --------------------------------------------------------------------------------------------
+
+
+def accuracy(preds: np.ndarray, labels: np.ndarray) -> float:
+    """Fraction of exact matches."""
+    if len(labels) == 0:
+        return 0.0
+    return float(np.mean(np.asarray(preds) == np.asarray(labels)))
+
+
+def binary_f1(preds: np.ndarray, labels: np.ndarray) -> float:
+    """F1 of the positive class (label 1), the GLUE convention for MRPC and QQP."""
+    from sklearn.metrics import f1_score
+
+    return float(f1_score(labels, preds, pos_label=1, average="binary", zero_division=0))
+
+
+def macro_f1(preds: np.ndarray, labels: np.ndarray) -> float:
+    """Unweighted mean of per-class F1, so rare classes count as much as common ones."""
+    from sklearn.metrics import f1_score
+
+    return float(f1_score(labels, preds, average="macro", zero_division=0))
+
+
+def matthews_correlation(preds: np.ndarray, labels: np.ndarray) -> float:
+    """Matthews correlation (CoLA's metric): robust to CoLA's class imbalance."""
+    from sklearn.metrics import matthews_corrcoef
+
+    return float(matthews_corrcoef(labels, preds))
+
+
+def _correlation(fn: Callable[..., Any], preds: np.ndarray, labels: np.ndarray) -> float:
+    """Run a scipy correlation; an undefined one (constant input) scores 0, not NaN.
+
+    A freshly initialised or heavily pruned regressor can predict a constant. Its correlation
+    is undefined, and a NaN would poison "best checkpoint" comparisons, so it counts as no
+    correlation at all.
+    """
+    from scipy.stats import ConstantInputWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConstantInputWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        value = float(fn(np.asarray(preds, dtype=np.float64), np.asarray(labels, np.float64))[0])
+    return value if math.isfinite(value) else 0.0
+
+
+def pearson(preds: np.ndarray, labels: np.ndarray) -> float:
+    """Pearson correlation (STS-B's main metric)."""
+    from scipy.stats import pearsonr
+
+    return _correlation(pearsonr, preds, labels)
+
+
+def spearman(preds: np.ndarray, labels: np.ndarray) -> float:
+    """Spearman rank correlation (STS-B's second metric)."""
+    from scipy.stats import spearmanr
+
+    return _correlation(spearmanr, preds, labels)
+
+
+#: Metric name (as it appears in results) -> function(preds, labels).
+METRICS: dict[str, MetricFn] = {
+    "accuracy": accuracy,
+    "f1": binary_f1,
+    "macro_f1": macro_f1,
+    "matthews_correlation": matthews_correlation,
+    "pearson": pearson,
+    "spearmanr": spearman,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Collation
+# --------------------------------------------------------------------------------------------
+
+
+class ClassificationCollator:
+    """Pad a list of features to the batch's longest member and give labels the right dtype.
+
+    ``DataCollatorWithPadding`` infers the label dtype from the Python values, so integer-valued
+    regression targets (or float64 arrays coming back from Arrow) would otherwise reach MSE loss
+    as int64 or float64. A class rather than a closure so DataLoader workers can pickle it.
+    """
+
+    def __init__(self, tokenizer: Any, regression: bool) -> None:
+        from transformers import DataCollatorWithPadding
+
+        self.regression = regression
+        self._pad = DataCollatorWithPadding(tokenizer, return_tensors="pt")
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        batch = dict(self._pad(features))
+        if "labels" in batch:
+            batch["labels"] = batch["labels"].to(torch.float32 if self.regression else torch.long)
+        return batch
+
+
+# --------------------------------------------------------------------------------------------
+# The shared task
+# --------------------------------------------------------------------------------------------
+
+
+class SequenceClassificationTask(Task):
+    """A task whose examples are one text or a text pair with a class id or a real score.
+
+    Subclasses provide :meth:`load`, :attr:`label_names`, ``regression`` and ``metrics``; this
+    class turns examples into features, batches and scores the same way for all of them.
+    """
+
+    head = "sequence-classification"
+    #: True for a real-valued target (one output, MSE loss), e.g. STS-B.
+    regression: bool = False
+    #: Metric names from :data:`METRICS` reported on each evaluation split.
+    metrics: tuple[str, ...] = ("accuracy",)
+
+    @property
+    @abstractmethod
+    def label_names(self) -> tuple[str, ...]:
+        """Class names in label-id order; ``()`` for regression."""
+
+    def num_labels(self, train_examples: list[dict[str, Any]] | None = None) -> int:
+        """One output for regression, else one per class."""
+        return 1 if self.regression else len(self.label_names)
+
+    def featurize(
+        self, examples: list[dict[str, Any]], tokenizer: Any, max_length: int, split: str
+    ) -> dict[str, list]:
+        """Tokenise all examples in one batched call, truncated but not padded.
+
+        Padding is left to the collator so that each batch is only as long as its longest
+        member. The split does not matter: train and eval features are built the same way.
+        """
+        texts_a = [ex["text_a"] for ex in examples]
+        pairs = [ex.get("text_b") is not None for ex in examples]
+        if any(pairs) and not all(pairs):
+            raise ValueError(f"task {self.name}: some examples have text_b and some do not")
+        texts_b = [ex["text_b"] for ex in examples] if examples and all(pairs) else None
+        encoded = tokenizer(texts_a, texts_b, truncation=True, max_length=max_length)
+        features: dict[str, list] = {
+            "input_ids": list(encoded["input_ids"]),
+            "attention_mask": list(encoded["attention_mask"]),
+        }
+        if "token_type_ids" in encoded:
+            features["token_type_ids"] = list(encoded["token_type_ids"])
+        cast: Callable[[Any], int | float] = float if self.regression else int
+        features["labels"] = [cast(ex["label"]) for ex in examples]
+        return features
+
+    def collator(self, tokenizer: Any) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+        """Dynamic padding via ``DataCollatorWithPadding``, labels as float32 or int64."""
+        return ClassificationCollator(tokenizer, regression=self.regression)
+
+    def predictions(self, logits: np.ndarray) -> np.ndarray:
+        """Class ids (argmax) or, for regression, the single output column."""
+        logits = np.asarray(logits)
+        if self.regression:
+            return logits.reshape(len(logits), -1)[:, 0].astype(np.float64)
+        return logits.argmax(axis=-1)
+
+    def compute_metrics(
+        self,
+        outputs: dict[str, np.ndarray],
+        features: dict[str, list],
+        examples: list[dict[str, Any]],
+    ) -> dict[str, float]:
+        """Score predictions against ``features["labels"]`` with this task's metrics.
+
+        The result has no split prefix; the caller adds ``eval_splits``' prefix (MNLI's
+        ``mm_``) so one flat dict covers every evaluation set.
+        """
+        preds = self.predictions(outputs["logits"])
+        labels = np.asarray(features["labels"], dtype=np.float64 if self.regression else np.int64)
+        if len(preds) != len(labels):
+            raise ValueError(f"task {self.name}: {len(preds)} predictions but {len(labels)} labels")
+        return {name: METRICS[name](preds, labels) for name in self.metrics}

@@ -1,0 +1,309 @@
+"""The one training loop every task shares: masked fine-tuning and evaluation.
+
+Why a lean loop on accelerate instead of the HF Trainer: IMP needs to act at exact points of
+every step — mask the gradients *before* clipping (so pruned weights do not eat the clipping
+budget), re-zero pruned weights *after* the optimizer step (a safety net against any optimizer
+that moves zeros), snapshot θ_i at step i for rewinding — and to be bit-reproducible for resume.
+A Trainer callback sees the step only after clipping. accelerate still gives us device
+placement, bf16/fp16 autocast, DDP and TensorBoard/W&B trackers.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ticketlab.errors import TicketlabError
+from ticketlab.hparams import TrainHparams
+from ticketlab.masks import Mask
+from ticketlab.tasks.base import Task, default_batch_outputs
+
+#: Feature keys the model's forward accepts; anything else (offsets, example ids) stays out.
+MODEL_INPUT_KEYS = (
+    "input_ids", "attention_mask", "token_type_ids", "labels", "start_positions", "end_positions",
+)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How to run, not what to compute: none of this is part of a run's identity."""
+
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "no"  # no | bf16 | fp16
+    report_to: str = "none"  # none | tensorboard | wandb
+    log_dir: Path | None = None
+    progress: bool = True
+    save_weights: bool = True  # store each level's trained weights (needed to export them)
+
+
+class FeatureDataset(Dataset):
+    """A dict of equal-length lists, served one example (a dict) at a time."""
+
+    def __init__(self, features: dict[str, list], keys: tuple[str, ...] = MODEL_INPUT_KEYS):
+        self.features = {k: v for k, v in features.items() if k in keys}
+        lengths = {len(v) for v in self.features.values()}
+        if len(lengths) != 1:
+            raise ValueError(f"feature lists differ in length: {lengths}")
+        self.n = lengths.pop()
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {k: v[i] for k, v in self.features.items()}
+
+    def lengths(self) -> list[int]:
+        return [len(x) for x in self.features["input_ids"]]
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    epochs: float
+    train_loss: float
+    seconds: float
+    examples_per_second: float
+
+
+def planned_steps(num_examples: int, hp: TrainHparams) -> int:
+    """Optimizer steps a run will take (what --rewind-step must stay below)."""
+    if hp.max_steps:
+        return hp.max_steps
+    return max(1, math.ceil(hp.epochs * math.ceil(num_examples / hp.batch_size)))
+
+
+def make_accelerator(runtime: Runtime, project_dir: Path | None = None) -> Any:
+    from accelerate import Accelerator
+
+    device = runtime.device
+    if device not in ("auto", "cpu", "cuda"):
+        raise TicketlabError(f"Unknown --device {device!r}.", "Use auto, cpu or cuda.")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise TicketlabError("--device cuda was asked for, but no CUDA GPU is visible.",
+                             "Use --device cpu, or run on a machine with a GPU.")
+    if runtime.precision not in ("no", "bf16", "fp16"):
+        raise TicketlabError(f"Unknown --precision {runtime.precision!r}.", "Use no, bf16 or fp16.")
+    log_with = None if runtime.report_to == "none" else runtime.report_to
+    if log_with not in (None, "tensorboard", "wandb"):
+        raise TicketlabError(f"Unknown --report-to {runtime.report_to!r}.",
+                             "Use none, tensorboard or wandb.")
+    return Accelerator(
+        cpu=device == "cpu",
+        mixed_precision=runtime.precision,
+        log_with=log_with,
+        project_dir=str(project_dir or runtime.log_dir or ".") if log_with else None,
+    )
+
+
+def _progress(runtime: Runtime) -> Any:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                    transient=True, disable=not runtime.progress)
+
+
+def _optimizer(model: nn.Module, hp: TrainHparams) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_norm = "LayerNorm" in name or "layer_norm" in name
+        (no_decay if p.dim() < 2 or is_norm else decay).append(p)
+    groups = [{"params": decay, "weight_decay": hp.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=hp.lr)
+
+
+def train(
+    model: nn.Module,
+    prunable: dict[str, nn.Parameter],
+    mask: Mask | None,
+    features: dict[str, list],
+    collator: Callable[[list[dict[str, Any]]], dict[str, Any]],
+    hp: TrainHparams,
+    runtime: Runtime = Runtime(),
+    *,
+    seed: int = 0,
+    on_step: Callable[[int, nn.Module], None] | None = None,
+    description: str = "train",
+    tracker_name: str | None = None,
+) -> TrainResult:
+    """Fine-tune ``model`` with the pruned weights of ``mask`` held at exactly zero.
+
+    A fresh AdamW and a fresh linear schedule every call (IMP's "retrain from the rewind point").
+    ``on_step(step, model)`` runs after every optimizer step (1-based) — IMP uses it to snapshot
+    θ_i for rewinding.
+    """
+    from transformers import get_linear_schedule_with_warmup
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    dataset = FeatureDataset(features)
+    if len(dataset) == 0:
+        raise TicketlabError("The training split is empty.", "Check the data and sample limits.")
+    accelerator = make_accelerator(runtime)
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    if hp.group_by_length:
+        sampler: Any = LengthGroupedSampler(hp.batch_size, lengths=dataset.lengths(),
+                                            generator=generator)
+    else:
+        sampler = torch.utils.data.RandomSampler(dataset, generator=generator)
+    loader = DataLoader(dataset, batch_size=hp.batch_size, sampler=sampler, collate_fn=collator)
+    optimizer = _optimizer(model, hp)
+    total = planned_steps(len(dataset), hp)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(hp.warmup_ratio * total), total)
+    if accelerator.num_processes > 1:
+        model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader,
+                                                                  scheduler)
+    else:
+        model = accelerator.prepare_model(model)
+    device = accelerator.device
+
+    # Masks as float tensors on the device, paired with the live parameters: the hot path is two
+    # fused multiplies per step (one on gradients, one on weights).
+    masked_params: list[torch.Tensor] = []
+    masked_values: list[torch.Tensor] = []
+    if mask is not None:
+        for name, p in prunable.items():
+            if name in mask.tensors:
+                masked_params.append(p)
+                masked_values.append(mask.tensors[name].to(device=device, dtype=p.dtype))
+        with torch.no_grad():
+            torch._foreach_mul_(masked_params, masked_values)
+
+    if tracker_name and accelerator.log_with:
+        accelerator.init_trackers(tracker_name, config={"lr": hp.lr, "batch_size": hp.batch_size})
+    model.train()
+    step, seen, loss_sum, start = 0, 0, 0.0, time.perf_counter()
+    with _progress(runtime) as progress:
+        bar = progress.add_task(description, total=total, info="")
+        while step < total:
+            for batch in loader:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                loss = model(**batch).loss
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise TicketlabError(
+                        f"The training loss became {value} at step {step + 1} "
+                        f"(learning rate {scheduler.get_last_lr()[0]:.3g}).",
+                        "Lower --lr, use --precision no, or check the data for broken labels; "
+                        "finished levels are kept and the run resumes from this level.",
+                    )
+                accelerator.backward(loss)
+                if masked_params:
+                    live = [(p.grad, m) for p, m in zip(masked_params, masked_values, strict=True)
+                            if p.grad is not None]
+                    if live:
+                        torch._foreach_mul_([g for g, _ in live], [m for _, m in live])
+                if hp.max_grad_norm and hp.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), hp.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                if masked_params:
+                    with torch.no_grad():
+                        torch._foreach_mul_(masked_params, masked_values)
+                step += 1
+                seen += batch["input_ids"].shape[0]
+                loss_sum += value
+                progress.update(bar, advance=1, info=f"loss {value:.4f}")
+                if accelerator.log_with:
+                    accelerator.log({"train/loss": value,
+                                     "train/lr": scheduler.get_last_lr()[0]}, step=step)
+                if on_step is not None:
+                    on_step(step, accelerator.unwrap_model(model))
+                if step >= total:
+                    break
+    if tracker_name and accelerator.log_with:
+        accelerator.end_training()
+    seconds = time.perf_counter() - start
+    return TrainResult(steps=step, epochs=step * hp.batch_size / len(dataset),
+                       train_loss=loss_sum / max(step, 1), seconds=seconds,
+                       examples_per_second=seen / max(seconds, 1e-9))
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    task: Task,
+    features: dict[str, list],
+    collator: Callable[[list[dict[str, Any]]], dict[str, Any]],
+    batch_size: int,
+    runtime: Runtime = Runtime(),
+    description: str = "eval",
+) -> tuple[dict[str, np.ndarray], float]:
+    """Run the model over ``features`` and return the task's outputs in the original order.
+
+    Batches are formed from length-sorted examples (much less padding), then put back in order;
+    outputs with a sequence axis (QA logits) are padded to the longest batch.
+    """
+    dataset = FeatureDataset(features)
+    if len(dataset) == 0:
+        raise TicketlabError("The evaluation split is empty.", "Check the data and sample limits.")
+    device = next(model.parameters()).device
+    order = sorted(range(len(dataset)), key=lambda i: -dataset.lengths()[i])
+    reduce = getattr(task, "batch_outputs", None)
+    model.eval()
+    chunks: dict[str, list[np.ndarray]] = {}
+    loss_sum, loss_count = 0.0, 0
+    with _progress(runtime) as progress:
+        bar = progress.add_task(description, total=math.ceil(len(order) / batch_size), info="")
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            batch = collator([dataset[i] for i in idx])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out = model(**batch)
+            if getattr(out, "loss", None) is not None:
+                loss_sum += out.loss.item() * len(idx)
+                loss_count += len(idx)
+            arrays = reduce(out, batch) if reduce else default_batch_outputs(task, out, batch)
+            for k, v in arrays.items():
+                chunks.setdefault(k, []).append(v)
+            progress.update(bar, advance=1)
+    model.train()
+    inverse = np.argsort(np.asarray(order))
+    outputs = {}
+    for k, parts in chunks.items():
+        if parts[0].ndim >= 2 and len({p.shape[1] for p in parts}) > 1:
+            width = max(p.shape[1] for p in parts)
+            parts = [np.pad(p, [(0, 0), (0, width - p.shape[1])] + [(0, 0)] * (p.ndim - 2),
+                            constant_values=-1e4) for p in parts]
+        outputs[k] = np.concatenate(parts)[inverse]
+    return outputs, loss_sum / max(loss_count, 1)
+
+
+def evaluate(
+    model: nn.Module,
+    task: Task,
+    eval_sets: dict[str, tuple[dict[str, list], list[dict[str, Any]]]],
+    collator: Callable[[list[dict[str, Any]]], dict[str, Any]],
+    batch_size: int,
+    runtime: Runtime = Runtime(),
+) -> dict[str, float]:
+    """Score every evaluation split; metric names get the split's prefix (MNLI's ``mm_``)."""
+    metrics: dict[str, float] = {}
+    for split, (features, examples) in eval_sets.items():
+        prefix = task.eval_splits.get(split, f"{split}_")
+        outputs, loss = predict(model, task, features, collator, batch_size, runtime,
+                                description=f"eval {split}")
+        for k, v in task.compute_metrics(outputs, features, examples).items():
+            metrics[prefix + k] = float(v)
+        metrics[prefix + "eval_loss"] = loss
+    return metrics
