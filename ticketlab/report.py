@@ -58,7 +58,7 @@ def runs_table(runs: list[Run], tolerance: float = 0.01) -> Table:
     table = Table(title="ticketlab runs")
     for col in ("run", "kind", "task", "model", "levels", "sparsity reached", "full score",
                 f"sparsest within {tolerance*100:g} pt"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=col == "run")
     for run in runs:
         record = run.read_hparams()
         hp = record["hparams"]
@@ -78,7 +78,7 @@ def runs_table(runs: list[Run], tolerance: float = 0.01) -> Table:
 
 def matrices_table(record: dict[str, Any]) -> Table:
     table = Table(title=f"level {record['level']}: sparsity per matrix")
-    table.add_column("matrix")
+    table.add_column("matrix", no_wrap=True)
     table.add_column("sparsity", justify="right")
     for name, s in record["sparsity_by_matrix"].items():
         table.add_row(name, f"{s * 100:.1f}%")
@@ -90,7 +90,8 @@ def describe_table(stats: list[MatrixStats], at: dict[float, dict[str, float]]) 
     would remove at a few overall sparsities (``at``: sparsity -> name -> matrix sparsity)."""
     table = Table(title="prunable set")
     for col in ("matrix", "kind", "shape", "weights", "mean |w|", "std"):
-        table.add_column(col, justify="left" if col in ("matrix", "kind") else "right")
+        table.add_column(col, justify="left" if col in ("matrix", "kind") else "right",
+                         no_wrap=col == "matrix")
     for s in at:
         table.add_column(f"global@{s:.0%}", justify="right")
     for r in stats:

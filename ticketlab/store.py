@@ -107,6 +107,7 @@ class Run:
 
     def create(self, hparams: dict[str, Any], extra: dict[str, Any]) -> None:
         """Write hparams.json (idempotent: a resumed run must carry the same hparams)."""
+        hparams = json.loads(json.dumps(hparams))  # tuples become lists, as once stored
         record = {"format": STORE_FORMAT, "hparams": hparams, **extra}
         if self.exists():
             old = self.read_hparams()
