@@ -6,6 +6,7 @@ declared once (``RUN_OPTIONS``) and attached to every command that trains, so ``
 """
 
 import functools
+import importlib
 import inspect
 import os
 import sys
@@ -334,6 +335,13 @@ def describe(
                 f"{at[0.5][r.name]:.0%} at 50 %. To avoid it: --no-prune-pooler (or "
                 "--exclude for other matrices), or --method global-normalized.",
                 highlight=False)
+
+
+#: Modules whose commands register on ``app`` when imported (see ticketlab/commands/).
+COMMAND_MODULES: tuple[str, ...] = ()
+
+for _module in COMMAND_MODULES:
+    importlib.import_module(_module)
 
 
 def main() -> None:

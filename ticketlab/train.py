@@ -10,6 +10,7 @@ placement, bf16/fp16 autocast, DDP and TensorBoard/W&B trackers.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import time
 from collections.abc import Callable
@@ -96,6 +97,9 @@ def make_accelerator(runtime: Runtime, project_dir: Path | None = None) -> Any:
     if log_with not in (None, "tensorboard", "wandb"):
         raise TicketlabError(f"Unknown --report-to {runtime.report_to!r}.",
                              "Use none, tensorboard or wandb.")
+    if log_with is not None and importlib.util.find_spec(log_with) is None:
+        raise TicketlabError(f"--report-to {log_with} needs the {log_with} package.",
+                             f"Run: pip install {log_with}")
     return Accelerator(
         cpu=device == "cpu",
         mixed_precision=runtime.precision,
@@ -258,7 +262,8 @@ def predict(
     if len(dataset) == 0:
         raise TicketlabError("The evaluation split is empty.", "Check the data and sample limits.")
     device = next(model.parameters()).device
-    order = sorted(range(len(dataset)), key=lambda i: -dataset.lengths()[i])
+    lengths = dataset.lengths()
+    order = sorted(range(len(dataset)), key=lambda i: -lengths[i])
     reduce = getattr(task, "batch_outputs", None)
     model.eval()
     chunks: dict[str, list[np.ndarray]] = {}
