@@ -17,6 +17,7 @@ so a crash leaves either the old state or the new one, never half a file.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -24,6 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ticketlab import faults
 from ticketlab.errors import TicketlabError
 
 STORE_FORMAT = 1
@@ -44,11 +46,20 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        faults.checkpoint("write")
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise TicketlabError(
+                f"No space left on the device while writing {path} "
+                f"({len(data):,} bytes); the previous state is intact.",
+                "Free disk space (or use --root on another disk) and rerun the same command "
+                "to resume.",
+            ) from e
         raise
     _fsync_dir(path.parent)
+    faults.checkpoint("renamed")
 
 
 def _fsync_dir(path: Path) -> None:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ticketlab import faults
 from ticketlab.errors import TicketlabError
 from ticketlab.hparams import TrainHparams
 from ticketlab.masks import Mask
@@ -228,6 +229,7 @@ def train(
                 seen += batch["input_ids"].shape[0]
                 loss_sum += value
                 progress.update(bar, advance=1, info=f"loss {value:.4f}")
+                faults.checkpoint("step")
                 if accelerator.log_with:
                     accelerator.log({"train/loss": value,
                                      "train/lr": scheduler.get_last_lr()[0]}, step=step)
@@ -282,6 +284,7 @@ def predict(
             for k, v in arrays.items():
                 chunks.setdefault(k, []).append(v)
             progress.update(bar, advance=1)
+            faults.checkpoint("eval")
     model.train()
     inverse = np.argsort(np.asarray(order))
     outputs = {}
