@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -80,3 +82,20 @@ def tiny_hparams(tiny_bert_dir: Path, glue_dir: Path):
         )
 
     return make
+
+
+@pytest.fixture()
+def csv_task_dir(tmp_path: Path) -> Path:
+    """A tiny generic-CSV task (48 train, 16 dev rows) that loads in milliseconds."""
+    rng = random.Random(0)
+    words = ["good", "bad", "fine", "awful", "great", "dull", "fun", "poor"]
+    folder = tmp_path / "csv-task"
+    folder.mkdir()
+    for name, n in (("train.csv", 48), ("dev.csv", 16)):
+        with open(folder / name, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["text", "label"])
+            for _ in range(n):
+                text = " ".join(rng.choice(words) for _ in range(rng.randint(3, 12)))
+                w.writerow([text, int(text.count("good") + text.count("great") > 1)])
+    return folder

@@ -29,12 +29,19 @@ from ticketlab.masks import Mask
 from ticketlab.models import role_of
 from ticketlab.pruning import level_sparsity, prune, sparsity_schedule
 from ticketlab.store import Run, atomic_write_bytes, sha256_file
-from ticketlab.train import Runtime, evaluate, planned_steps, train
+from ticketlab.train import Runtime, evaluate, get_accelerator, planned_steps, train
 
 
 @contextmanager
-def run_lock(run: Run) -> Iterator[None]:
-    """One process per run directory. flock is released by the OS if the owner dies."""
+def run_lock(run: Run, main: bool = True) -> Iterator[None]:
+    """One job per run directory. flock is released by the OS if the owner dies.
+
+    Under ``accelerate launch`` only the main process takes the lock: its sibling ranks are the
+    same job.
+    """
+    if not main:
+        yield
+        return
     run.path.mkdir(parents=True, exist_ok=True)
     fd = os.open(run.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -123,14 +130,18 @@ def find_ticket(
             f"Use a rewind step below {steps} (the paper's default is 0).",
         )
     run = Run(root / hp.run_id())
-    with run_lock(run):
-        run.create(hp.identity(), {
-            "kind": "imp",
-            "ticketlab_version": VERSION,
-            "fingerprint": setup.fingerprint,
-            "prunable": {k: list(p.shape) for k, p in setup.prunable.items()},
-            "main_metric": setup.task.main_metric,
-        })
+    accelerator = get_accelerator(runtime)
+    main = accelerator.is_main_process
+    with run_lock(run, main):
+        if main:
+            run.create(hp.identity(), {
+                "kind": "imp",
+                "ticketlab_version": VERSION,
+                "fingerprint": setup.fingerprint,
+                "prunable": {k: list(p.shape) for k, p in setup.prunable.items()},
+                "main_metric": setup.task.main_metric,
+            })
+        accelerator.wait_for_everyone()
         recorded = run.read_hparams()
         if recorded.get("fingerprint") != setup.fingerprint:
             raise TicketlabError(
@@ -138,35 +149,43 @@ def find_ticket(
                 "(θ0 fingerprint differs).",
                 "Use the same model files, or start a new run with another --root.",
             )
-        console.print(f"[bold]run[/bold] {run.path}  "
-                      f"levels at sparsity {', '.join(f'{s:.0%}' for s in schedule)}")
-        _imp_levels(setup, run, schedule, runtime, console)
+        if main:
+            console.print(f"[bold]run[/bold] {run.path}  "
+                          f"levels at sparsity {', '.join(f'{s:.0%}' for s in schedule)}")
+        _imp_levels(setup, run, schedule, runtime, console if main else Console(quiet=True))
     return run
 
 
-def _theta0_state(setup: Setup, run: Run) -> dict[str, torch.Tensor]:
-    """θ0 with the head γ0 as first drawn (saved once, so a resumed run rewinds identically)."""
+def _theta0_state(setup: Setup, run: Run, main: bool, barrier: Any) -> dict[str, torch.Tensor]:
+    """θ0 with the head γ0 as first drawn (saved once, so a resumed run — and every rank of a
+    multi-process run — rewinds to exactly the same head)."""
     state = dict(setup.theta0)
     path = run.path / "init_head.safetensors"
-    if path.is_file():
-        state.update(_load_tensors(path, "Initial head"))
-    else:
+    if main and not path.is_file():
         _save_tensors(path, {k: state[k] for k in setup.head_names()})
+    barrier()
+    state.update(_load_tensors(path, "Initial head"))
     return state
 
 
 def _imp_levels(setup: Setup, run: Run, schedule: list[float], runtime: Runtime,
                 console: Console) -> None:
+    """The level loop. With several processes (``accelerate launch``) every rank trains and
+    evaluates; only the main rank writes, and the next mask is decided once — on the main rank —
+    and reaches the others through the store, after a barrier."""
     hp = setup.hp
     model = setup.model
-    theta0 = _theta0_state(setup, run)
+    accelerator = get_accelerator(runtime)
+    main, barrier = accelerator.is_main_process, accelerator.wait_for_everyone
+    theta0 = _theta0_state(setup, run, main, barrier)
     full_score: float | None = None
 
     def snapshot(step: int, net: torch.nn.Module) -> None:
-        if step == hp.prune.rewind_step:  # θ_i and γ_i, taken while the full model trains
+        if step == hp.prune.rewind_step and main:  # θ_i and γ_i, while the full model trains
             _save_tensors(run.rewind_path, net.state_dict())
 
     for level, target in enumerate(schedule):
+        barrier()
         if run.level_done(level):
             rec = run.metrics(level)
             full_score = rec["score"] if level == 0 else full_score
@@ -194,28 +213,35 @@ def _imp_levels(setup: Setup, run: Run, schedule: list[float], runtime: Runtime,
         metrics = evaluate(model, setup.task, setup.eval_sets, setup.collator,
                            hp.train.eval_batch_size, runtime)
         eval_seconds = time.perf_counter() - t0
-
-        files = ["mask.safetensors", "head.safetensors"]
-        meta = {"task": hp.data.task, "level": level, "fingerprint": setup.fingerprint,
-                "model": hp.model.model, "run": run.path.name, "hparams": hp.identity()}
-        mask.save(d / "mask.safetensors", meta)
-        head_names = setup.head_names()
-        _save_tensors(d / "head.safetensors", {k: model.state_dict()[k] for k in head_names})
-        if runtime.save_weights:
-            _save_tensors(d / "model.safetensors", model.state_dict())
-            files.append("model.safetensors")
-        # The next level's mask is written before this level is marked done, also after the
-        # last level, so a later, higher --target-sparsity continues without retraining.
-        nxt = level_sparsity(level + 1, hp.prune.rate, hp.prune.schedule)
-        if nxt < 1.0:
-            new_mask = prune(setup.prunable, mask, nxt,
-                             hp.prune.method, seed=hp.train.seed * 1000 + level)
-            new_mask.save(run.level_dir(level + 1) / "mask.safetensors",
-                          {**meta, "level": level + 1})
         rec = _level_record(setup, level, target, mask, metrics, result, eval_seconds)
-        run.finish_level(level, rec, files)
+        if main:
+            _store_level(setup, run, level, mask, rec, runtime)
         full_score = rec["score"] if level == 0 else full_score
         _print_level(console, rec, None if level == 0 else full_score)
+    barrier()
+
+
+def _store_level(setup: Setup, run: Run, level: int, mask: Mask, rec: dict[str, Any],
+                 runtime: Runtime) -> None:
+    """Write a finished level: its files, the next level's mask, and metrics.json last."""
+    hp, model, d = setup.hp, setup.model, run.level_dir(level)
+    files = ["mask.safetensors", "head.safetensors"]
+    meta = {"task": hp.data.task, "level": level, "fingerprint": setup.fingerprint,
+            "model": hp.model.model, "run": run.path.name, "hparams": hp.identity()}
+    mask.save(d / "mask.safetensors", meta)
+    state = model.state_dict()
+    _save_tensors(d / "head.safetensors", {k: state[k] for k in setup.head_names()})
+    if runtime.save_weights:
+        _save_tensors(d / "model.safetensors", state)
+        files.append("model.safetensors")
+    # The next level's mask is written before this level is marked done, also after the last
+    # level, so a later, higher --target-sparsity continues without retraining.
+    nxt = level_sparsity(level + 1, hp.prune.rate, hp.prune.schedule)
+    if nxt < 1.0:
+        new_mask = prune(setup.prunable, mask, nxt, hp.prune.method,
+                         seed=hp.train.seed * 1000 + level)
+        new_mask.save(run.level_dir(level + 1) / "mask.safetensors", {**meta, "level": level + 1})
+    run.finish_level(level, rec, files)
 
 
 def finetune(
@@ -240,12 +266,17 @@ def finetune(
     mask_id = sha256_file(mask_path) if mask_path is not None else "dense"
     identity = {"finetune": hp.identity(), "mask": mask_id}
     run = Run(root / f"finetune-{hp.data.task}-{stable_hash(identity)}")
-    with run_lock(run):
-        run.create(identity, {"kind": "finetune", "ticketlab_version": VERSION,
-                              "fingerprint": setup.fingerprint,
-                              "mask_source": str(mask_path) if mask_path else None,
-                              "mask_meta": {k: mask.meta.get(k) for k in ("task", "level", "run")},
-                              "main_metric": setup.task.main_metric})
+    accelerator = get_accelerator(runtime)
+    main = accelerator.is_main_process
+    with run_lock(run, main):
+        if main:
+            run.create(identity, {"kind": "finetune", "ticketlab_version": VERSION,
+                                  "fingerprint": setup.fingerprint,
+                                  "mask_source": str(mask_path) if mask_path else None,
+                                  "mask_meta": {k: mask.meta.get(k)
+                                                for k in ("task", "level", "run")},
+                                  "main_metric": setup.task.main_metric})
+        accelerator.wait_for_everyone()
         if run.level_done(0):
             _print_level(console, run.metrics(0), None, resumed=True)
             return run
@@ -256,14 +287,17 @@ def finetune(
         t0 = time.perf_counter()
         metrics = evaluate(setup.model, setup.task, setup.eval_sets, setup.collator,
                            hp.train.eval_batch_size, runtime)
-        d = run.level_dir(0)
-        mask.save(d / "mask.safetensors", {"task": hp.data.task, "fingerprint": setup.fingerprint})
-        files = ["mask.safetensors"]
-        if runtime.save_weights:
-            _save_tensors(d / "model.safetensors", setup.model.state_dict())
-            files.append("model.safetensors")
         rec = _level_record(setup, 0, mask.sparsity, mask, metrics, result,
                             time.perf_counter() - t0)
-        run.finish_level(0, rec, files)
-        _print_level(console, rec, None)
+        if main:
+            d = run.level_dir(0)
+            mask.save(d / "mask.safetensors",
+                      {"task": hp.data.task, "fingerprint": setup.fingerprint})
+            files = ["mask.safetensors"]
+            if runtime.save_weights:
+                _save_tensors(d / "model.safetensors", setup.model.state_dict())
+                files.append("model.safetensors")
+            run.finish_level(0, rec, files)
+            _print_level(console, rec, None)
+        accelerator.wait_for_everyone()
     return run

@@ -38,7 +38,13 @@ def default_root() -> Path:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half.
+
+    Under ``accelerate launch`` only rank 0 may write: a write from another rank is a bug that
+    could interleave two copies of a level, so it fails loudly.
+    """
+    if os.environ.get("RANK", "0") != "0":
+        raise RuntimeError(f"rank {os.environ['RANK']} tried to write {path}; only rank 0 writes")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

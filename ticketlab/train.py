@@ -83,8 +83,24 @@ def planned_steps(num_examples: int, hp: TrainHparams) -> int:
     return max(1, math.ceil(hp.epochs * math.ceil(num_examples / hp.batch_size)))
 
 
+_ACCELERATORS: dict[tuple, Any] = {}
+
+
+def get_accelerator(runtime: Runtime) -> Any:
+    """The process's Accelerator (one per process: accelerate's state is a singleton).
+
+    ``split_batches`` makes ``--batch-size`` the *global* batch: under ``accelerate launch``
+    with N processes every optimizer step sees the same examples as a single-process run, each
+    process taking 1/N of them, so DDP and single-process runs follow the same trajectory.
+    """
+    key = (runtime.device, runtime.precision, runtime.report_to, str(runtime.log_dir))
+    if key not in _ACCELERATORS:
+        _ACCELERATORS[key] = make_accelerator(runtime)
+    return _ACCELERATORS[key]
+
+
 def make_accelerator(runtime: Runtime, project_dir: Path | None = None) -> Any:
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DataLoaderConfiguration
 
     device = runtime.device
     if device not in ("auto", "cpu", "cuda"):
@@ -104,6 +120,7 @@ def make_accelerator(runtime: Runtime, project_dir: Path | None = None) -> Any:
     return Accelerator(
         cpu=device == "cpu",
         mixed_precision=runtime.precision,
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
         log_with=log_with,
         project_dir=str(project_dir or runtime.log_dir or ".") if log_with else None,
     )
@@ -162,7 +179,13 @@ def train(
     dataset = FeatureDataset(features)
     if len(dataset) == 0:
         raise TicketlabError("The training split is empty.", "Check the data and sample limits.")
-    accelerator = make_accelerator(runtime)
+    accelerator = get_accelerator(runtime)
+    if hp.batch_size % accelerator.num_processes:
+        raise TicketlabError(
+            f"--batch-size {hp.batch_size} is the global batch and must split evenly over "
+            f"{accelerator.num_processes} processes.",
+            f"Use a multiple of {accelerator.num_processes}.",
+        )
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     if hp.group_by_length:
@@ -229,6 +252,11 @@ def train(
                 seen += batch["input_ids"].shape[0]
                 loss_sum += value
                 progress.update(bar, advance=1, info=f"loss {value:.4f}")
+                if not runtime.progress and accelerator.is_main_process and (
+                        step % max(1, total // 10) == 0 or step == total):
+                    # a log line every 10 % for runs without a terminal (nohup, CI, clusters)
+                    print(f"{description}: step {step}/{total}  loss {value:.4f}  "
+                          f"{(time.perf_counter() - start) / step:.2f} s/step", flush=True)
                 faults.checkpoint("step")
                 if accelerator.log_with:
                     accelerator.log({"train/loss": value,
@@ -239,6 +267,7 @@ def train(
                     break
     if tracker_name and accelerator.log_with:
         accelerator.end_training()
+    accelerator.free_memory()  # drop the prepared optimizer/loader so levels do not pile up
     seconds = time.perf_counter() - start
     return TrainResult(steps=step, epochs=step * hp.batch_size / len(dataset),
                        train_loss=loss_sum / max(step, 1), seconds=seconds,
