@@ -150,7 +150,12 @@ def _optimizer(model: nn.Module, hp: TrainHparams) -> torch.optim.Optimizer:
         (no_decay if p.dim() < 2 or is_norm else decay).append(p)
     groups = [{"params": decay, "weight_decay": hp.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=hp.lr)
+    # The fused kernel is ~3x faster on CPU, and it does not slow down on gradients that are
+    # exactly zero (pruned weights), where the for-each AdamW's sqrt did (benchmarks/).
+    try:
+        return torch.optim.AdamW(groups, lr=hp.lr, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # a device or dtype without the fused kernel
+        return torch.optim.AdamW(groups, lr=hp.lr)
 
 
 def train(
