@@ -209,3 +209,38 @@ def test_finetune_refuses_a_mask_of_another_model(tiny_hparams, tmp_path) -> Non
     with pytest.raises(TicketlabError, match="other pre-trained weights"):
         imp.finetune(tiny_hparams(), foreign, tmp_path / "ft", QUIET, console())
     assert not (tmp_path / "ft").exists()
+
+
+@pytest.mark.parametrize("family", ["distilbert", "roberta", "electra"])
+def test_imp_runs_on_other_bert_families(family, tmp_path, minilm_tokenizer, tiny_hparams):
+    """One IMP level on tiny DistilBERT / RoBERTa / ELECTRA encoders (MiniLM's tokenizer)."""
+    from transformers import (
+        DistilBertConfig,
+        DistilBertModel,
+        ElectraConfig,
+        ElectraModel,
+        RobertaConfig,
+        RobertaModel,
+    )
+
+    vocab = minilm_tokenizer.vocab_size
+    model = {
+        "distilbert": lambda: DistilBertModel(DistilBertConfig(
+            vocab_size=vocab, dim=32, n_layers=2, n_heads=2, hidden_dim=64)),
+        "roberta": lambda: RobertaModel(RobertaConfig(
+            vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=64, max_position_embeddings=130)),
+        "electra": lambda: ElectraModel(ElectraConfig(
+            vocab_size=vocab, embedding_size=16, hidden_size=32, num_hidden_layers=2,
+            num_attention_heads=2, intermediate_size=64)),
+    }[family]()
+    folder = tmp_path / family
+    model.save_pretrained(folder)
+    minilm_tokenizer.save_pretrained(folder)
+    hp = tiny_hparams(target_sparsity=0.1)
+    hp = RunHparams(model=type(hp.model)(model=str(folder)), data=hp.data, train=hp.train,
+                    prune=hp.prune)
+    run = imp.find_ticket(hp, tmp_path / "runs", QUIET, console())
+    assert run.levels() == [0, 1]
+    assert run.metrics(1)["sparsity"] == pytest.approx(0.1, abs=1e-4)
+    assert "pooler" not in run.metrics(1)["sparsity_by_kind"]

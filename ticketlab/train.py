@@ -67,6 +67,15 @@ class FeatureDataset(Dataset):
         return [len(x) for x in self.features["input_ids"]]
 
 
+def _forward_keys(model: nn.Module) -> set[str]:
+    """The batch keys ``model.forward`` accepts (DistilBERT and RoBERTa take no
+    ``token_type_ids``, whatever a tokenizer returned)."""
+    import inspect
+
+    net = model.module if hasattr(model, "module") else model
+    return set(inspect.signature(net.forward).parameters)
+
+
 @dataclass
 class TrainResult:
     steps: int
@@ -224,12 +233,13 @@ def train(
     if tracker_name and accelerator.log_with:
         accelerator.init_trackers(tracker_name, config={"lr": hp.lr, "batch_size": hp.batch_size})
     model.train()
+    accepted = _forward_keys(model)
     step, seen, loss_sum, start = 0, 0, 0.0, time.perf_counter()
     with _progress(runtime) as progress:
         bar = progress.add_task(description, total=total, info="")
         while step < total:
             for batch in loader:
-                batch = {k: v.to(device) for k, v in batch.items()}
+                batch = {k: v.to(device) for k, v in batch.items() if k in accepted}
                 loss = model(**batch).loss
                 value = loss.item()
                 if not math.isfinite(value):
@@ -301,6 +311,7 @@ def predict(
     lengths = dataset.lengths()
     order = sorted(range(len(dataset)), key=lambda i: -lengths[i])
     reduce = getattr(task, "batch_outputs", None)
+    accepted = _forward_keys(model)
     model.eval()
     chunks: dict[str, list[np.ndarray]] = {}
     loss_sum, loss_count = 0.0, 0
@@ -309,7 +320,7 @@ def predict(
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             batch = collator([dataset[i] for i in idx])
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = {k: v.to(device) for k, v in batch.items() if k in accepted}
             out = model(**batch)
             if getattr(out, "loss", None) is not None:
                 loss_sum += out.loss.item() * len(idx)
