@@ -39,7 +39,7 @@ def levels_table(records: list[dict[str, Any]], tolerance: float = 0.01,
     table = Table(title=title)
     metric = records[0]["main_metric"] if records else "score"
     for col in ("level", "sparsity", f"{metric} (%)", "Δ vs full", f"within {tolerance*100:g} pt",
-                "pooler sparsity", "steps", "train s"):
+                "pooler", "steps", "train s"):
         table.add_column(col, justify="right")
     full = records[0]["score"] if records and records[0]["level"] == 0 else None
     for rec, ok in zip(records, within(records, tolerance), strict=True):
@@ -48,7 +48,7 @@ def levels_table(records: list[dict[str, Any]], tolerance: float = 0.01,
             str(rec["level"]), f"{rec['sparsity'] * 100:.1f}%", f"{rec['score'] * 100:.2f}",
             "" if full is None or rec["level"] == 0 else f"{(rec['score'] - full) * 100:+.2f}",
             "full model" if rec["level"] == 0 else ("yes" if ok else "no"),
-            "not pruned" if pooler is None else f"{pooler * 100:.0f}%",
+            "dense" if pooler is None else f"{pooler * 100:.0f}%",
             str(rec["train"]["steps"]), f"{rec['train']['seconds']:.0f}",
         )
     return table

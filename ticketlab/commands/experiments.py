@@ -1,0 +1,411 @@
+"""The paper's experiments on the command line: ``branch``, ``matching``, ``table``,
+``transfer``, ``rewinding``, ``masks``, ``curves``, ``sweep`` and ``reproduce``.
+
+Every command is a thin shell around :mod:`ticketlab.experiments`: it parses options, calls the
+library and prints; what it computes is stored in the run store and resumes like ``find``.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from ticketlab.cli import PRUNE_OPTIONS, RUN_OPTIONS, _build, app, console, friendly, with_options
+from ticketlab.errors import TicketlabError
+from ticketlab.hparams import RunHparams
+from ticketlab.store import default_root
+
+_E = "Experiments"
+REPORTS = Path("ticketlab-reports")
+
+
+def _names(text: str, what: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise TicketlabError(f"{what} is empty.", f"Pass a comma-separated list to {what}.")
+    return names
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(x) for x in _names(text, what)]
+    except ValueError as e:
+        raise TicketlabError(f"{what} {text!r} is not a list of numbers.",
+                             f"Write e.g. {what} 0,0.01,0.05.") from e
+
+
+def _runtime(device: str, precision: str, progress: bool, save_weights: bool = False) -> Any:
+    from ticketlab.train import Runtime
+
+    return Runtime(device=device, precision=precision, progress=progress,
+                   save_weights=save_weights)
+
+
+#: Runtime options of the commands that do not take the whole RUN_OPTIONS set.
+_ROOT = typer.Option(None, help="Run store (default: $TICKETLAB_HOME/runs or "
+                     "~/.ticketlab/runs).")
+_DEVICE = typer.Option("auto", help="auto, cpu or cuda.")
+_PRECISION = typer.Option("no", help="no, bf16 or fp16 autocast.")
+_PROGRESS = typer.Option(True, help="Show progress bars.")
+
+
+def with_task_options(*groups: dict[str, tuple[Any, Any]]) -> Callable[..., Any]:
+    """Like :func:`ticketlab.cli.with_options`, for commands that span several tasks: the
+    command receives ``build(task) -> (hp, runtime, root)``, so every task gets its own
+    per-task defaults (a SQuAD target trains with SQuAD's lr and length). ``--target-sparsity``
+    is left out: these commands decide how far IMP goes."""
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        sig = inspect.signature(func)
+        own = [p for p in sig.parameters.values() if p.name != "build"]
+        opts_all = {n: v for g in groups for n, v in g.items() if n != "target_sparsity"}
+        extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=ann)
+                 for n, (ann, opt) in opts_all.items()]
+
+        @functools.wraps(func)
+        def wrapper(**kwargs: Any) -> Any:
+            opts = {n: kwargs.pop(n) for n in opts_all}
+            opts["target_sparsity"] = 0.0
+            return func(build=functools.partial(_build, opts, prune=True), **kwargs)
+
+        wrapper.__signature__ = sig.replace(parameters=own + extra)  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {p.name: p.annotation for p in own + extra}
+        del wrapper.__wrapped__
+        return friendly(wrapper)
+
+    return decorate
+
+
+@app.command(rich_help_panel=_E)
+@friendly
+def branch(
+    run: str = typer.Argument(..., help="IMP run id (or unique prefix) or path."),
+    level: int = typer.Option(..., help="The IMP level whose mask/sparsity the baseline uses."),
+    kind: str = typer.Option(..., help="random, layerwise-random, random-reinit, shuffle, "
+                             "shuffle-layers, one-shot or standard."),
+    seeds: int = typer.Option(1, help="Seeds, counted from the run's own seed."),
+    shuffle_layers: bool = typer.Option(False, help="With --kind shuffle: permute whole "
+                                        "layers (the seed code's variant)."),
+    root: Path | None = _ROOT,
+    device: str = _DEVICE,
+    precision: str = _PRECISION,
+    progress: bool = _PROGRESS,
+    save_weights: bool = typer.Option(False, help="Store the trained weights."),
+) -> None:
+    """Train a baseline at an IMP level's sparsity, as a branch of the run.
+
+    Stored in <run>/branches/<kind>-level<K>-seed<S>/; finished seeds are skipped."""
+    from ticketlab.experiments.baselines import check_kind, imp_run_hparams, run_branch
+    from ticketlab.experiments.common import Stats, seed_list
+    from ticketlab.store import find_run
+
+    if shuffle_layers:
+        if kind != "shuffle":
+            raise TicketlabError("--shuffle-layers only applies to --kind shuffle.",
+                                 "Drop it, or use --kind shuffle.")
+        kind = "shuffle-layers"
+    check_kind(kind)
+    found = find_run(run, root or default_root())
+    hp, _ = imp_run_hparams(found)
+    runtime = _runtime(device, precision, progress, save_weights)
+    scores = []
+    for seed in seed_list(hp.train.seed, seeds):
+        done = run_branch(found, level, kind, seed, runtime, console)
+        scores.append(done.metrics(level)["score"])
+    line = f"{kind} at level {level}: {Stats.of(scores).fmt(digits=2)} over {len(scores)} seed(s)"
+    if found.level_done(level):
+        line += f"; IMP (seed {hp.train.seed}) {found.metrics(level)['score'] * 100:.2f}"
+    console.print(line)
+
+
+@app.command(rich_help_panel=_E)
+@with_options(RUN_OPTIONS, PRUNE_OPTIONS, prune=True)
+def matching(
+    hp: RunHparams,
+    runtime: Any,
+    root: Path,
+    task: str = typer.Option(..., help="Task to search tickets on."),
+    seeds: int = typer.Option(3, help="IMP runs, one per seed from --seed (paper: 5).",
+                              rich_help_panel=_E),
+    baselines: str = typer.Option("", help="Comma-separated baseline kinds to train at the "
+                                  "highest matching level (e.g. random,random-reinit).",
+                                  rich_help_panel=_E),
+    out: Path = typer.Option(REPORTS, help="Folder for matching-<task>.json.",
+                             rich_help_panel=_E),
+) -> None:
+    """IMP over several seeds: which levels match the full model, and the sparsest.
+
+    Matching: the mean over seeds is within one std of the full model's mean; strictly
+    matching: at least that mean."""
+    from ticketlab.experiments.baselines import check_kind
+    from ticketlab.experiments.common import seed_list
+    from ticketlab.experiments.matching import matching_table, run_matching
+    from ticketlab.store import atomic_write_json
+
+    kinds = [check_kind(k) for k in _names(baselines, "--baselines")] if baselines else []
+    summary, group = run_matching(hp, seed_list(hp.train.seed, seeds), root, runtime, console,
+                                  kinds)
+    console.print(matching_table(summary))
+    best = summary.highest
+    console.print("highest matching sparsity: "
+                  + (f"{best.sparsity:.1%} (level {best.level})" if best else "none"))
+    atomic_write_json(out / f"matching-{hp.data.task}.json",
+                      {**summary.to_dict(), "runs": [r.path.name for r in group.runs.values()]})
+
+
+@app.command(rich_help_panel=_E)
+@friendly
+def table(
+    root: Path | None = _ROOT,
+    tasks: str = typer.Option("", help="Comma-separated tasks, in column order (default: all "
+                              "tasks with IMP runs)."),
+    rewind_step: int = typer.Option(0, help="Use the IMP runs with this rewind step."),
+    fmt: str = typer.Option("markdown", "--format", help="What to print: markdown, csv or "
+                            "latex (all three are written with --out)."),
+    out: Path | None = typer.Option(None, help="Also write table2.{md,csv,tex,json} here."),
+) -> None:
+    """Table 2 from the store, as Markdown, CSV or LaTeX.
+
+    Per task: the full model, IMP at the highest matching sparsity and every baseline found at
+    that level, mean ± std over seeds."""
+    from ticketlab.experiments.matching import (
+        table2_columns,
+        table2_csv,
+        table2_latex,
+        table2_markdown,
+        write_table2,
+    )
+
+    render = {"markdown": table2_markdown, "csv": table2_csv, "latex": table2_latex}
+    if fmt not in render:
+        raise TicketlabError(f"Unknown --format {fmt!r}.", "Use markdown, csv or latex.")
+    columns = table2_columns(root or default_root(),
+                             _names(tasks, "--tasks") if tasks else None, rewind_step, console)
+    if not columns:
+        raise TicketlabError(f"No finished IMP runs in {root or default_root()}"
+                             + (f" for {tasks}" if tasks else "") + ".",
+                             "Run `ticketlab matching --task T` first (or pass --root).")
+    console.print(render[fmt](columns), markup=False, highlight=False)
+    if out is not None:
+        paths = write_table2(columns, out)
+        console.print(f"written: {', '.join(str(p) for p in paths.values())}")
+
+
+@app.command(rich_help_panel=_E)
+@with_task_options(RUN_OPTIONS, PRUNE_OPTIONS)
+def transfer(
+    build: Callable[[str], tuple[RunHparams, Any, Path]],
+    sources: str = typer.Option(..., help="Comma-separated source tasks (their IMP masks).",
+                                rich_help_panel=_E),
+    targets: str = typer.Option(..., help="Comma-separated target tasks.", rich_help_panel=_E),
+    sparsity: float = typer.Option(0.7, help="Sparsity of the transferred masks (an IMP "
+                                   "level's).", rich_help_panel=_E),
+    seeds: int = typer.Option(3, help="Fine-tuning seeds per cell, from --seed.",
+                              rich_help_panel=_E),
+    one_shot: bool = typer.Option(True, help="Add the row of one-shot pruning of θ0.",
+                                  rich_help_panel=_E),
+    out: Path = typer.Option(REPORTS, help="Folder for transfer.{csv,json,png}.",
+                             rich_help_panel=_E),
+) -> None:
+    """Figure 2: every source task's mask fine-tuned on every target task.
+
+    Rows: each source's IMP mask and one-shot pruning of θ0. Writes the matrix of transfer −
+    full model as CSV and a heatmap. Missing IMP runs are made (up to --sparsity)."""
+    from ticketlab.experiments.common import seed_list, with_seed
+    from ticketlab.experiments.transfer import run_transfer, transfer_table, write_transfer
+
+    src, tgt = _names(sources, "--sources"), _names(targets, "--targets")
+    per_task = {t: build(t)[0] for t in dict.fromkeys([*src, *tgt])}  # all validated first
+    hp, runtime, root = build(src[0])
+
+    def hp_for(task: str, seed: int) -> RunHparams:
+        if task not in per_task:
+            per_task[task] = build(task)[0]
+        return with_seed(per_task[task], seed)
+
+    result = run_transfer(hp_for, src, tgt, sparsity, seed_list(hp.train.seed, seeds), root,
+                          runtime, console, one_shot)
+    console.print(transfer_table(result))
+    paths = write_transfer(result, out)
+    console.print(f"written: {', '.join(str(p) for p in paths.values())}")
+
+
+@app.command(rich_help_panel=_E)
+@with_options(RUN_OPTIONS, PRUNE_OPTIONS, prune=True)
+def rewinding(
+    hp: RunHparams,
+    runtime: Any,
+    root: Path,
+    task: str = typer.Option(..., help="Task to search tickets on."),
+    fractions: str = typer.Option("0,0.01,0.05,0.1,0.2,0.5", help="Rewind points as shares "
+                                  "of a level's training steps.", rich_help_panel=_E),
+    seeds: int = typer.Option(1, help="IMP runs per rewind point.", rich_help_panel=_E),
+    sparsity: float | None = typer.Option(None, help="Also plot the score at this sparsity.",
+                                          rich_help_panel=_E),
+    out: Path = typer.Option(REPORTS, help="Folder for rewinding.{csv,json,png}.",
+                             rich_help_panel=_E),
+) -> None:
+    """IMP rewinding to θ_i for a sweep of i, with its plot.
+
+    Plots the highest matching sparsity (and the score at --sparsity) against i."""
+    from ticketlab.experiments.common import seed_list
+    from ticketlab.experiments.rewinding import run_rewinding, write_rewinding
+
+    points = run_rewinding(hp, _floats(fractions, "--fractions"),
+                           seed_list(hp.train.seed, seeds), root, runtime, console, sparsity)
+    for p in points:
+        console.print(f"rewind {p.fraction:>5.0%} (step {p.step:>4}): highest matching "
+                      + ("none" if p.highest_matching is None else f"{p.highest_matching:.0%}")
+                      + (f", score at {sparsity:.0%}: {p.score_at.fmt(digits=2)}"
+                         if p.score_at else ""))
+    paths = write_rewinding(hp.data.task, points, sparsity, out)
+    console.print(f"written: {', '.join(str(p) for p in paths.values())}")
+
+
+@app.command(rich_help_panel=_E)
+@friendly
+def masks(
+    refs: list[str] = typer.Argument(..., help="Mask files or RUN:LEVEL (run id or prefix)."),
+    root: Path | None = _ROOT,
+    out: Path = typer.Option(REPORTS, help="Folder for the plots, CSV and JSON."),
+) -> None:
+    """Where masks prune, and how much masks overlap.
+
+    Per-matrix and per-layer sparsity plots; for two masks or more, the pairwise Jaccard
+    overlap against that of random masks with the same per-matrix sparsities."""
+    from ticketlab.experiments.analysis import (
+        overlap_matrices,
+        resolve_mask,
+        unique_labels,
+        write_mask_analysis,
+    )
+
+    resolved = [resolve_mask(r, root or default_root()) for r in refs]
+    found = dict(zip(unique_labels([label for label, _ in resolved]),
+                     [m for _, m in resolved], strict=True))
+    for label, m in found.items():
+        console.print(f"{label}: sparsity {m.sparsity:.1%}")
+    if len(found) > 1:
+        observed, expected = overlap_matrices(found)
+        labels = list(found)
+        for i in range(len(labels)):
+            for j in range(i + 1, len(labels)):
+                console.print(f"  {labels[i]} ∩ {labels[j]}: Jaccard {observed[i][j]:.3f} "
+                              f"(random masks: {expected[i][j]:.3f})")
+    paths = write_mask_analysis(found, out)
+    console.print(f"written: {', '.join(str(p) for p in paths.values())}")
+
+
+@app.command(rich_help_panel=_E)
+@friendly
+def curves(
+    task: str = typer.Option(..., help="Task whose IMP runs to plot."),
+    root: Path | None = _ROOT,
+    rewind_step: int = typer.Option(0, help="Use the IMP runs with this rewind step."),
+    out: Path = typer.Option(REPORTS, help="Folder for curves_<task>.png."),
+) -> None:
+    """Score against sparsity for IMP and every stored baseline, with std bands."""
+    from ticketlab.experiments.common import seed_groups
+    from ticketlab.experiments.matching import write_curves
+
+    groups = [g for g in seed_groups(root or default_root(), task)
+              if g.rewind_step == rewind_step]
+    if not groups:
+        raise TicketlabError(f"No IMP runs of {task!r} in {root or default_root()}.",
+                             "Run `ticketlab matching` or `ticketlab find` first.")
+    path = write_curves(groups[0], out)
+    if path is None:
+        raise TicketlabError(f"The IMP runs of {task} have not finished their full model yet.",
+                             "Let `ticketlab matching` finish level 0 first.")
+    console.print(f"written: {path}")
+
+
+@app.command(rich_help_panel=_E)
+@friendly
+def sweep(
+    spec: Path = typer.Argument(..., help="Experiment spec (TOML)."),
+    root: Path | None = typer.Option(None, help="Run store (default: the spec's root, else "
+                                     "~/.ticketlab/runs)."),
+    backend: str = typer.Option("inprocess", help="inprocess (one cell after another) or ray "
+                                "(cells of a part in parallel)."),
+    ray_address: str | None = typer.Option(None, help="Ray cluster address (default: start "
+                                           "a local cluster)."),
+    dry_run: bool = typer.Option(False, help="List the cells and which are finished."),
+    device: str = _DEVICE,
+    precision: str = _PRECISION,
+    progress: bool = _PROGRESS,
+) -> None:
+    """Run the missing cells of an experiment spec (TOML); finished cells are skipped.
+
+    The spec has an hparams table (any run option by name), task_hparams.<task> tables, a grid
+    table (tasks, seeds, baselines, baseline_levels) and optional rewinding and transfer
+    tables; see README, "Experiments"."""
+    from ticketlab.experiments.sweep import Spec, run_sweep, sweep_status
+
+    loaded = Spec.load(spec)
+    store = root or (Path(loaded.root) if loaded.root else default_root())
+    if dry_run:
+        status = sweep_status(loaded, store)
+        for cell, done in status:
+            console.print(f"{'done ' if done else 'todo '} {cell.label()}")
+        console.print(f"{sum(d for _, d in status)} of {len(status)} cells finished "
+                      "(baselines at the matching level count once IMP is done).")
+        return
+    run_sweep(loaded, store, _runtime(device, precision, progress), console, backend,
+              ray_address)
+    console.print(f"[green]done[/green]: every cell of {loaded.name} is stored in {store}")
+
+
+@app.command(rich_help_panel=_E)
+@friendly
+def reproduce(
+    scale: str = typer.Option("small", help="small (MiniLM-L6 on CPU, GLUE subsets) or paper "
+                              "(BERT-base, full data, 5 seeds; GPU)."),
+    data_dir: Path | None = typer.Option(None, help="GLUE folder (SST-2/, CoLA/, ...). "
+                                         "Required for small; paper without it uses the hub."),
+    out: Path | None = typer.Option(None, help="Report folder (default: "
+                                    "ticketlab-reproduction-<scale>); holds the run store too."),
+    spec: Path | None = typer.Option(None, help="Reproduce your own spec instead of a preset."),
+    root: Path | None = typer.Option(None, help="Run store (default: <out>/runs)."),
+    backend: str = typer.Option("inprocess", help="inprocess or ray."),
+    ray_address: str | None = typer.Option(None, help="Ray cluster address."),
+    estimate: bool = typer.Option(False, help="Only print the work each part needs."),
+    seconds_per_step: float = typer.Option(0.7, help="For --estimate: seconds per SST-2 "
+                                           "training step (MiniLM-L6, batch 32: 0.7 measured "
+                                           "on 2 CPU cores)."),
+    device: str = _DEVICE,
+    precision: str = _PRECISION,
+    progress: bool = _PROGRESS,
+) -> None:
+    """Run the paper's experiments and write the report folder; resumable.
+
+    index.html and README.md show Table 2, the transfer heatmap, the curves, the rewinding
+    plot, the settings and the time per part. Run the same command again to continue."""
+    from ticketlab.experiments.reproduce import budget, preset
+    from ticketlab.experiments.reproduce import reproduce as run_reproduce
+    from ticketlab.experiments.rewinding import train_size
+    from ticketlab.experiments.sweep import Spec
+
+    folder = out or Path(f"ticketlab-reproduction-{scale}")
+    loaded = Spec.load(spec) if spec else preset(scale, data_dir, folder)
+    if estimate:
+        from ticketlab.experiments.reproduce import step_costs
+
+        sizes = {t: train_size(loaded.hparams_for(t, 0)) for t in loaded.tasks}
+        b = budget(loaded, sizes, step_costs(loaded))
+        for part, n in b.trainings.items():
+            console.print(f"{part:<10} {n:>5} trainings  {b.steps[part]:>7} steps  "
+                          f"~{b.cost[part] * seconds_per_step / 3600:.1f} h")
+        console.print(f"{'total':<10} {sum(b.trainings.values()):>5} trainings  "
+                      f"{sum(b.steps.values()):>7} steps  "
+                      f"~{sum(b.cost.values()) * seconds_per_step / 3600:.1f} h of training at "
+                      f"{seconds_per_step} s per SST-2-length step (longer examples are "
+                      "costed by their mean length), plus evaluation")
+        return
+    run_reproduce(loaded, folder, root, _runtime(device, precision, progress), console,
+                  backend, ray_address)

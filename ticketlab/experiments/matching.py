@@ -1,0 +1,342 @@
+"""Matching subnetworks over seeds, and Table 2.
+
+The paper's definitions (Section 3): a subnetwork is *matching* when its score, averaged over
+seeds, is within one standard deviation of the full model's mean score; *strictly matching*
+when it is at least the full model's mean. Table 2 reports, per task, the full model, IMP at the
+highest sparsity that is matching, and the baselines at that same sparsity.
+
+Here the seeds are whole IMP runs (``--seed s`` for each s): every level of every seed is an
+independent search-and-train, so the spread includes the variance of the mask itself. The
+baselines are branches of the first seed's run (see :mod:`.baselines`), over the same seeds.
+The std is the sample standard deviation (n - 1); with one seed it is 0 and "matching" reduces
+to "at least the full model's score".
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from ticketlab.experiments.baselines import KIND_LABELS, branch_records, run_branch
+from ticketlab.experiments.common import SeedGroup, Stats, group_of, seed_groups, with_seed
+from ticketlab.hparams import RunHparams
+from ticketlab.imp import find_ticket
+from ticketlab.store import atomic_write_bytes, atomic_write_json
+from ticketlab.train import Runtime
+
+
+def is_matching(level: Stats, full: Stats) -> bool:
+    """Matching: the mean is within one std of the full model's mean (or above it)."""
+    return level.mean >= full.mean - full.std
+
+
+def is_strictly_matching(level: Stats, full: Stats) -> bool:
+    """Strictly matching: the mean is at least the full model's mean."""
+    return level.mean >= full.mean
+
+
+@dataclass(frozen=True)
+class LevelSummary:
+    level: int
+    sparsity: float
+    stats: Stats
+    matching: bool
+    strictly: bool
+
+
+@dataclass
+class MatchingSummary:
+    """One task's IMP levels over seeds, judged against its full model (level 0)."""
+
+    task: str
+    metric: str
+    seeds: list[int]
+    full: Stats
+    levels: list[LevelSummary]  # the pruned levels (1, 2, ...)
+
+    @property
+    def highest(self) -> LevelSummary | None:
+        """The sparsest matching level (None when no pruned level matches)."""
+        ok = [s for s in self.levels if s.matching]
+        return max(ok, key=lambda s: s.sparsity) if ok else None
+
+    @property
+    def highest_strict(self) -> LevelSummary | None:
+        ok = [s for s in self.levels if s.strictly]
+        return max(ok, key=lambda s: s.sparsity) if ok else None
+
+    def to_dict(self) -> dict[str, Any]:
+        def level(s: LevelSummary | None) -> dict[str, Any] | None:
+            return None if s is None else {"level": s.level, "sparsity": s.sparsity,
+                                           **s.stats.to_dict(), "matching": s.matching,
+                                           "strictly_matching": s.strictly}
+
+        return {"task": self.task, "metric": self.metric, "seeds": self.seeds,
+                "full": self.full.to_dict(), "levels": [level(s) for s in self.levels],
+                "highest_matching": level(self.highest),
+                "highest_strictly_matching": level(self.highest_strict)}
+
+
+def summarize(task: str, metric: str, seeds: Sequence[int],
+              scores: dict[int, tuple[float, list[float]]]) -> MatchingSummary:
+    """Apply the matching rule to ``level -> (sparsity, scores over seeds)``; level 0 is the
+    full model and must be present."""
+    if 0 not in scores:
+        raise ValueError("level 0 (the full model) is needed to judge matching")
+    full = Stats.of(scores[0][1])
+    levels = []
+    for level in sorted(scores):
+        if level == 0:
+            continue
+        sparsity, values = scores[level]
+        stats = Stats.of(values)
+        levels.append(LevelSummary(level, sparsity, stats, is_matching(stats, full),
+                                   is_strictly_matching(stats, full)))
+    return MatchingSummary(task, metric, list(seeds), full, levels)
+
+
+def summarize_group(group: SeedGroup) -> MatchingSummary | None:
+    """The matching summary of a group of seeded runs (None until every seed has level 0)."""
+    scores = group.level_scores()
+    if 0 not in scores:
+        return None
+    return summarize(group.task, group.main_metric(), group.seeds, scores)
+
+
+def run_matching(
+    hp: RunHparams,
+    seeds: Sequence[int],
+    root: Path,
+    runtime: Runtime = Runtime(),
+    console: Console | None = None,
+    baselines: Sequence[str] = (),
+) -> tuple[MatchingSummary, SeedGroup]:
+    """IMP over ``seeds`` (each resumable), the matching summary, and the ``baselines`` at the
+    highest matching level (level 1 when no pruned level matches) over the same seeds."""
+    console = console or Console()
+    for seed in seeds:
+        console.rule(f"{hp.data.task}: IMP seed {seed}")
+        find_ticket(with_seed(hp, seed), root, runtime, console)
+    group = group_of(hp, seeds, root)
+    summary = summarize_group(group)
+    assert summary is not None  # every seed has just finished level 0
+    level = baseline_level(summary)
+    for kind in baselines:
+        for seed in seeds:
+            run_branch(group.reference, level, kind, seed, runtime, console)
+    return summary, group
+
+
+def baseline_level(summary: MatchingSummary) -> int:
+    """Where the baselines go: IMP's highest matching level, else the first pruned level."""
+    best = summary.highest
+    return best.level if best is not None else 1
+
+
+def matching_table(summary: MatchingSummary) -> Table:
+    """Every level over seeds, for the terminal."""
+    table = Table(title=f"{summary.task}: {summary.metric} over seeds {summary.seeds}")
+    for col in ("level", "sparsity", "mean ± std", "matching", "strictly"):
+        table.add_column(col, justify="right")
+    table.add_row("0", "0.0%", summary.full.fmt(digits=2), "full model", "")
+    for s in summary.levels:
+        table.add_row(str(s.level), f"{s.sparsity * 100:.1f}%", s.stats.fmt(digits=2),
+                      "yes" if s.matching else "no", "yes" if s.strictly else "no")
+    return table
+
+
+# --- Table 2 --------------------------------------------------------------------------------
+@dataclass
+class Table2Column:
+    """One task's column of Table 2."""
+
+    task: str
+    metric: str
+    seeds: list[int]
+    full: Stats
+    imp: LevelSummary | None  # the highest matching level
+    strict: LevelSummary | None
+    level: int  # where the baselines were looked up
+    baselines: dict[str, Stats] = field(default_factory=dict)
+
+
+def table2_column(group: SeedGroup) -> Table2Column | None:
+    summary = summarize_group(group)
+    if summary is None:
+        return None
+    level = baseline_level(summary)
+    found: dict[str, list[float]] = {}
+    for rec in branch_records(group.reference):
+        if rec["level"] == level and rec["branch"]["seed"] in group.runs:
+            found.setdefault(rec["branch"]["kind"], []).append(rec["score"])
+    baselines = {k: Stats.of(v) for k, v in found.items()}
+    return Table2Column(group.task, summary.metric, summary.seeds, summary.full,
+                        summary.highest, summary.highest_strict, level, baselines)
+
+
+def table2_columns(root: Path, tasks: Sequence[str] | None = None, rewind_step: int = 0,
+                   console: Console | None = None) -> list[Table2Column]:
+    """One column per task from the store: the group of IMP runs with the most seeds (ties:
+    the first by hash) among those that rewind to ``rewind_step``; other groups are named."""
+    chosen: dict[str, SeedGroup] = {}
+    for group in seed_groups(root):
+        if group.rewind_step != rewind_step or (tasks and group.task not in tasks):
+            continue
+        if group.task in chosen:
+            if console is not None:
+                console.print(f"[dim]{group.task}: also found runs {group.key} over seeds "
+                              f"{group.seeds}; the table uses {chosen[group.task].key}.[/dim]")
+            continue
+        chosen[group.task] = group
+    order = list(tasks) if tasks else sorted(chosen)
+    columns = [table2_column(chosen[t]) for t in order if t in chosen]
+    return [c for c in columns if c is not None]
+
+
+def task_label(task: str) -> str:
+    """``sst2`` -> ``SST-2`` (GLUE's own spelling) for tables and plots."""
+    from ticketlab.tasks.glue import GLUE_TASKS
+
+    return GLUE_TASKS[task].folder if task in GLUE_TASKS else task
+
+
+def table2_rows(columns: Sequence[Table2Column]) -> list[tuple[str, list[str]]]:
+    kinds = [k for k in KIND_LABELS if any(k in c.baselines for c in columns)]
+
+    def pct(level: LevelSummary | None) -> str:
+        return "–" if level is None else f"{level.sparsity * 100:.0f}%"
+
+    rows = [
+        ("Full model", [c.full.fmt() for c in columns]),
+        ("Highest matching sparsity", [pct(c.imp) for c in columns]),
+        ("IMP subnetwork at that sparsity",
+         [c.imp.stats.fmt() if c.imp else "–" for c in columns]),
+        ("Highest strictly matching sparsity", [pct(c.strict) for c in columns]),
+    ]
+    for kind in kinds:
+        rows.append((KIND_LABELS[kind],
+                     [c.baselines[kind].fmt() if kind in c.baselines else "–" for c in columns]))
+    return rows
+
+
+def table2_headers(columns: Sequence[Table2Column]) -> list[str]:
+    return [f"{task_label(c.task)} ({c.metric}, {len(c.seeds)} seed"
+            f"{'s' if len(c.seeds) > 1 else ''})" for c in columns]
+
+
+def table2_markdown(columns: Sequence[Table2Column]) -> str:
+    """Table 2 as a Markdown table (scores in points, mean ± sample std over seeds)."""
+    if not columns:
+        return "_No finished IMP runs._\n"
+    lines = ["| | " + " | ".join(table2_headers(columns)) + " |",
+             "|---|" + "---:|" * len(columns)]
+    lines += [f"| {name} | " + " | ".join(cells) + " |" for name, cells in table2_rows(columns)]
+    notes = [c for c in columns if c.imp is None]
+    text = "\n".join(lines) + "\n"
+    if notes:
+        text += ("\nNo pruned level matches the full model for "
+                 + ", ".join(task_label(c.task) for c in notes)
+                 + "; their baselines are at level 1.\n")
+    return text
+
+
+def table2_csv(columns: Sequence[Table2Column]) -> str:
+    """Table 2 in long form: one row per (task, entry), with mean, std and the seed count."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["task", "metric", "entry", "level", "sparsity", "mean", "std", "n"])
+    for c in columns:
+        w.writerow([c.task, c.metric, "full", 0, 0.0, c.full.mean, c.full.std, c.full.n])
+        if c.imp is not None:
+            s = c.imp
+            w.writerow([c.task, c.metric, "imp", s.level, s.sparsity, s.stats.mean,
+                        s.stats.std, s.stats.n])
+        if c.strict is not None:
+            s = c.strict
+            w.writerow([c.task, c.metric, "imp-strict", s.level, s.sparsity, s.stats.mean,
+                        s.stats.std, s.stats.n])
+        sparsity = c.imp.sparsity if c.imp is not None else ""
+        for kind, st in c.baselines.items():
+            w.writerow([c.task, c.metric, kind, c.level, sparsity, st.mean, st.std, st.n])
+    return buf.getvalue()
+
+
+def _latex_escape(text: str) -> str:
+    for a, b in (("\\", r"\textbackslash{}"), ("%", r"\%"), ("_", r"\_"), ("&", r"\&"),
+                 ("#", r"\#"), ("±", r"$\pm$"), ("θ0''", r"$\theta_0''$"),
+                 ("θ0'", r"$\theta_0'$"), ("–", "--")):
+        text = text.replace(a, b)
+    return text
+
+
+def table2_latex(columns: Sequence[Table2Column]) -> str:
+    """Table 2 as a booktabs ``tabular``."""
+    head = " & ".join(["", *(_latex_escape(h) for h in table2_headers(columns))]) + r" \\"
+    body = [" & ".join([_latex_escape(name), *(_latex_escape(c) for c in cells)]) + r" \\"
+            for name, cells in table2_rows(columns)]
+    return "\n".join([r"\begin{tabular}{l" + "c" * len(columns) + "}", r"\toprule", head,
+                      r"\midrule", *body, r"\bottomrule", r"\end{tabular}", ""])
+
+
+def write_table2(columns: Sequence[Table2Column], out: Path) -> dict[str, Path]:
+    """Write ``table2.md``, ``table2.csv``, ``table2.tex`` and ``table2.json`` into ``out``."""
+    paths = {fmt: out / f"table2.{fmt}" for fmt in ("md", "csv", "tex", "json")}
+    atomic_write_bytes(paths["md"], table2_markdown(columns).encode())
+    atomic_write_bytes(paths["csv"], table2_csv(columns).encode())
+    atomic_write_bytes(paths["tex"], table2_latex(columns).encode())
+    atomic_write_json(paths["json"], [_column_dict(c) for c in columns])
+    return paths
+
+
+def _column_dict(c: Table2Column) -> dict[str, Any]:
+    def level(s: LevelSummary | None) -> dict[str, Any] | None:
+        return None if s is None else {"level": s.level, "sparsity": s.sparsity,
+                                       **s.stats.to_dict()}
+
+    return {"task": c.task, "metric": c.metric, "seeds": c.seeds, "full": c.full.to_dict(),
+            "highest_matching": level(c.imp), "highest_strictly_matching": level(c.strict),
+            "baseline_level": c.level,
+            "baselines": {k: v.to_dict() for k, v in c.baselines.items()}}
+
+
+# --- sparsity-score curves --------------------------------------------------------------------
+def curve_series(group: SeedGroup) -> tuple[Stats, dict[str, list[tuple[float, Stats]]]] | None:
+    """IMP's score at every level and each baseline's at the levels it was run, mean ± std over
+    seeds (None until every seed has its full model)."""
+    summary = summarize_group(group)
+    if summary is None:
+        return None
+    series: dict[str, list[tuple[float, Stats]]] = {
+        "IMP": [(s.sparsity, s.stats) for s in summary.levels]}
+    found: dict[tuple[str, int], tuple[float, list[float]]] = {}
+    for rec in branch_records(group.reference):
+        if rec["branch"]["seed"] in group.runs:
+            key = (rec["branch"]["kind"], rec["level"])
+            found.setdefault(key, (rec["sparsity"], []))[1].append(rec["score"])
+    for kind in KIND_LABELS:
+        points = [(sp, Stats.of(v)) for (k, _), (sp, v) in sorted(found.items()) if k == kind]
+        if points:
+            series[KIND_LABELS[kind]] = points
+    return summary.full, series
+
+
+def write_curves(group: SeedGroup, out: Path) -> Path | None:
+    """``curves_<task>.png``: score against sparsity for IMP and every baseline found."""
+    from ticketlab.experiments.plots import plot_curves
+
+    data = curve_series(group)
+    if data is None:
+        return None
+    full, series = data
+    path = out / f"curves_{group.task}.png"
+    plot_curves(f"{task_label(group.task)}: score against sparsity "
+                f"({len(group.seeds)} seed{'s' if len(group.seeds) > 1 else ''})",
+                group.main_metric(), full, series, path)
+    return path
