@@ -115,3 +115,78 @@ def test_kill_minus_nine_at_20_points_loses_nothing(tiny_bert_dir, csv_task_dir,
 
     assert launch(command(tiny_bert_dir, data, root)) == 0  # a killed owner's lock never blocks
     assert essentials(Run(root / reference.path.name)) == expected
+
+
+def sweep_spec(path: Path, model: Path, data: Path) -> Path:
+    path.write_text(f"""
+name = "killed"
+
+[hparams]
+model = "{model}"
+data_dir = "{data}"
+max_length = 16
+lr = 1e-3
+batch_size = 16
+epochs = 1
+target_sparsity = 0.1
+
+[grid]
+tasks = ["csv"]
+seeds = 3
+""")
+    return path
+
+
+def finished_cells(root: Path) -> dict[str, bytes]:
+    """metrics.json bytes of every finished level of every run under ``root``."""
+    out = {}
+    for run in list_runs(root):
+        for level, blob in snapshot(run).items():
+            out[f"{run.path.name}/{level}"] = blob
+    return out
+
+
+@pytest.mark.integration
+def test_killed_sweep_redoes_only_unfinished_cells(tiny_bert_dir, csv_task_dir, tmp_path):
+    spec = sweep_spec(tmp_path / "spec.toml", tiny_bert_dir, csv_task_dir)
+    sweep = [sys.executable, "-m", "ticketlab.cli", "sweep", str(spec), "--no-progress"]
+    assert launch([*sweep, "--root", str(tmp_path / "ref")]) == 0
+    expected = {k: essentials(Run(tmp_path / "ref" / k)) for k in
+                sorted({key.split("/")[0] for key in finished_cells(tmp_path / "ref")})}
+    assert len(expected) == 3  # one IMP run a seed
+
+    root = tmp_path / "killed"
+    kills = 0
+    for fault in ("step:2", "renamed:5", "step:3", "eval:2", "write:9"):
+        before = finished_cells(root) if root.exists() else {}
+        kills += launch([*sweep, "--root", str(root)], fault=fault) == -signal.SIGKILL
+        after = finished_cells(root)
+        assert all(after[k] == v for k, v in before.items())  # finished cells never redone
+    assert kills >= 4
+    assert launch([*sweep, "--root", str(root)]) == 0
+    assert {k: essentials(Run(root / k)) for k in expected} == expected
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("compressed", [False, True])
+def test_killed_export_leaves_nothing_half_written(tiny_bert_dir, csv_task_dir, tmp_path,
+                                                   compressed):
+    assert launch(command(tiny_bert_dir, csv_task_dir, tmp_path / "runs")) == 0
+    [run] = list_runs(tmp_path / "runs")
+    export = [sys.executable, "-m", "ticketlab.cli", "export", run.path.name, "--level", "2",
+              "--root", str(tmp_path / "runs"), *(["--compressed"] if compressed else [])]
+    assert launch([*export, "--to", str(tmp_path / "ref")]) == 0
+    out = tmp_path / "out"
+    for fault, delay in (("write:1", None), (None, 4.0), ("renamed:1", None)):
+        code = launch([*export, "--to", str(out), "--force"], fault=fault, kill_after=delay)
+        if code == -signal.SIGKILL and fault == "write:1":
+            assert not out.exists()  # killed before the rename: nothing at the target
+        if out.exists():  # whatever is at the target is a whole export
+            assert folder_bytes(out) == folder_bytes(tmp_path / "ref")
+    assert launch([*export, "--to", str(out), "--force"]) == 0
+    assert folder_bytes(out) == folder_bytes(tmp_path / "ref")

@@ -23,4 +23,16 @@ from ticketlab.masks import Mask  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["DataHparams", "Mask", "ModelHparams", "PruneHparams", "RunHparams", "TicketlabError",
-           "TrainHparams", "__version__"]
+           "TrainHparams", "__version__", "accelerate_ticket", "load_ticket"]
+
+#: Heavy entry points, imported on first use so that ``import ticketlab`` stays light.
+_LAZY = {"load_ticket": "ticketlab.export", "accelerate_ticket": "ticketlab.sparse"}
+
+
+def __getattr__(name: str) -> object:
+    """Lazy attributes (PEP 562): the export and sparse-engine entry points."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'ticketlab' has no attribute {name!r}")

@@ -18,6 +18,7 @@ from typing import Any
 import typer
 from rich.console import Console
 
+from ticketlab.demo import DEMO_DEV, DEMO_TRAIN
 from ticketlab.errors import TicketlabError
 from ticketlab.hparams import DataHparams, ModelHparams, PruneHparams, RunHparams, TrainHparams
 from ticketlab.store import default_root
@@ -44,21 +45,34 @@ RUN_OPTIONS: dict[str, tuple[Any, Any]] = {
                                                       "examples.", rich_help_panel=_D)),
     "max_eval_samples": (int | None, typer.Option(None, help="Use only the first N examples "
                                                      "of each eval split.", rich_help_panel=_D)),
-    "max_length": (int, typer.Option(128, help="Max tokens per example.", rich_help_panel=_D)),
+    "max_length": (int | None, typer.Option(None, help="Max tokens per example (default: the "
+                                               "task's paper setting: 128 GLUE, 384 SQuAD).",
+                                               show_default=False, rich_help_panel=_D)),
+    "doc_stride": (int | None, typer.Option(None, help="squad: tokens shared by consecutive "
+                                               "windows of a long context (default: 128).",
+                                               show_default=False, rich_help_panel=_D)),
+    "block_size": (int | None, typer.Option(None, help="mlm: tokens per block (default: 128; "
+                                               "the paper's code: 512).", show_default=False,
+                                               rich_help_panel=_D)),
     "text_column": (str | None, typer.Option(None, help="csv/json task: text column "
                                                 "(default: text).", rich_help_panel=_D)),
     "text_pair_column": (str | None, typer.Option(None, help="csv/json task: second text "
                                                      "column.", rich_help_panel=_D)),
     "label_column": (str | None, typer.Option(None, help="csv/json task: label column "
                                                  "(default: label).", rich_help_panel=_D)),
-    "train_file": (Path | None, typer.Option(None, help="csv/json task: training file.",
-                                                rich_help_panel=_D)),
-    "eval_file": (Path | None, typer.Option(None, help="csv/json task: evaluation file.",
-                                               rich_help_panel=_D)),
-    "lr": (float, typer.Option(2e-5, help="Learning rate (paper: 2e-5 GLUE).",
-                               rich_help_panel=_T)),
-    "batch_size": (int, typer.Option(32, help="Training batch size.", rich_help_panel=_T)),
-    "epochs": (float, typer.Option(3.0, help="Epochs per level (paper: 3).", rich_help_panel=_T)),
+    "train_file": (Path | None, typer.Option(None, help="csv/json/squad/mlm task: training "
+                                                "file.", rich_help_panel=_D)),
+    "eval_file": (Path | None, typer.Option(None, help="csv/json/squad/mlm task: evaluation "
+                                               "file.", rich_help_panel=_D)),
+    "lr": (float | None, typer.Option(None, help="Learning rate (default: the task's paper "
+                                         "setting: 2e-5 GLUE, 3e-5 SQuAD, 5e-5 MLM).",
+                                         show_default=False, rich_help_panel=_T)),
+    "batch_size": (int | None, typer.Option(None, help="Training batch size (default: 32 GLUE, "
+                                               "16 SQuAD and MLM).", show_default=False,
+                                               rich_help_panel=_T)),
+    "epochs": (float | None, typer.Option(None, help="Epochs per level (default: 3 GLUE, "
+                                             "2 SQuAD, 1 MLM).", show_default=False,
+                                             rich_help_panel=_T)),
     "max_steps": (int | None, typer.Option(None, help="Steps per level (overrides epochs).",
                                               rich_help_panel=_T)),
     "warmup_ratio": (float, typer.Option(0.0, help="Linear warm-up share.", rich_help_panel=_T)),
@@ -69,8 +83,12 @@ RUN_OPTIONS: dict[str, tuple[Any, Any]] = {
                                rich_help_panel=_T)),
     "group_by_length": (bool, typer.Option(True, help="Batch examples of similar length.",
                                            rich_help_panel=_T)),
-    "eval_batch_size": (int, typer.Option(128, help="Evaluation batch size.",
-                                          rich_help_panel=_T)),
+    "eval_batch_size": (int | None, typer.Option(None, help="Evaluation batch size (default: "
+                                                    "128; MLM 32).", show_default=False,
+                                                    rich_help_panel=_T)),
+    "init_mlm_head": (int | None, typer.Option(None, help="mlm: first train a missing MLM head "
+                                                  "alone (body frozen, not pruned) for N steps.",
+                                                  rich_help_panel=_T)),
     "prune_pooler": (bool, typer.Option(True, help="Include the pooler in the prunable set "
                                         "(paper: yes).", rich_help_panel=_P)),
     "include": (list[str] | None, typer.Option(None, help="Regex of extra base-model "
@@ -109,17 +127,50 @@ PRUNE_OPTIONS: dict[str, tuple[Any, Any]] = {
 }
 
 
+#: Options that default to the task's paper setting (``Task.paper_defaults``) when left out,
+#: with the value used when a task declares none.
+_PER_TASK_DEFAULTS: dict[str, Any] = {
+    "lr": TrainHparams.lr, "batch_size": TrainHparams.batch_size, "epochs": TrainHparams.epochs,
+    "eval_batch_size": TrainHparams.eval_batch_size, "max_length": DataHparams.max_length,
+    "doc_stride": None, "block_size": None,
+}
+#: Options only some tasks take (those whose paper_defaults name them; MLM's sequence length
+#: is --block-size, not --max-length).
+_TASK_ONLY = ("doc_stride", "block_size", "max_length")
+
+
+def resolve_task_defaults(opts: dict[str, Any], task: str) -> dict[str, Any]:
+    """The per-task options with every one the user left out (None) set to the task's paper
+    setting: ``find --task squad`` trains with lr 3e-5, batch 16, 2 epochs and 384 tokens."""
+    from ticketlab.tasks import get_task
+
+    defaults = get_task(task).paper_defaults
+    resolved = {}
+    for name, fallback in _PER_TASK_DEFAULTS.items():
+        given = opts.get(name)
+        flag = "--" + name.replace("_", "-")
+        if given is not None and name in _TASK_ONLY and name not in defaults:
+            takes = ", ".join("--" + n.replace("_", "-") for n in _TASK_ONLY if n in defaults)
+            raise TicketlabError(f"{flag} does not apply to task {task}.",
+                                 f"Leave {flag} out (task {task} takes {takes or 'neither'}).")
+        resolved[name] = given if given is not None else defaults.get(name, fallback)
+    return resolved
+
+
 def _build(opts: dict[str, Any], task: str, prune: bool) -> tuple[RunHparams, Any, Path]:
     from ticketlab.train import Runtime
 
+    opts = {**opts, **resolve_task_defaults(opts, task)}
     task_options = {k: str(opts[k]) for k in ("text_column", "text_pair_column", "label_column",
                                               "train_file", "eval_file") if opts[k] is not None}
     hp = RunHparams(
-        model=ModelHparams(model=opts["model"], trust_remote_code=opts["trust_remote_code"]),
+        model=ModelHparams(model=opts["model"], trust_remote_code=opts["trust_remote_code"],
+                           init_mlm_head_steps=opts.get("init_mlm_head")),
         data=DataHparams(task=task, data_dir=str(opts["data_dir"]) if opts["data_dir"] else None,
                          max_train_samples=opts["max_train_samples"],
                          max_eval_samples=opts["max_eval_samples"], max_length=opts["max_length"],
-                         options=tuple(sorted(task_options.items()))),
+                         options=tuple(sorted(task_options.items())),
+                         doc_stride=opts["doc_stride"], block_size=opts["block_size"]),
         train=TrainHparams(lr=opts["lr"], batch_size=opts["batch_size"], epochs=opts["epochs"],
                            max_steps=opts["max_steps"], warmup_ratio=opts["warmup_ratio"],
                            weight_decay=opts["weight_decay"], max_grad_norm=opts["max_grad_norm"],
@@ -199,7 +250,7 @@ def find(
     runtime: Any,
     root: Path,
     task: str = typer.Option(..., help="GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, "
-                             "wnli) or csv/json for your own data."),
+                             "wnli), squad, mlm, or csv/json for your own data."),
 ) -> None:
     """Find a ticket: IMP with rewinding up to --target-sparsity. Resumes if interrupted."""
     from ticketlab.imp import find_ticket
@@ -231,12 +282,13 @@ def finetune(
 @friendly
 def demo(
     root: Path | None = typer.Option(None, help="Run store (default: ~/.ticketlab/runs)."),
-    train_samples: int = typer.Option(2000, help="Training sentences."),
-    dev_samples: int = typer.Option(500, help="Dev sentences."),
+    train_samples: int = typer.Option(DEMO_TRAIN, help="Training sentences."),
+    dev_samples: int = typer.Option(DEMO_DEV, help="Dev sentences (at most 1,000)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
-    """A complete small ticket search, offline: MiniLM-L6 on Rotten Tomatoes sentences (~10 min
-    on 2 CPU cores). Ends with a table of every level against the full model."""
+    """Run a complete small ticket search offline (MiniLM-L6, Rotten Tomatoes; ~10 min).
+
+    Ends with a table of every level against the full model."""
     from ticketlab.demo import demo_data, demo_hparams
     from ticketlab.imp import find_ticket
     from ticketlab.report import level_records, levels_table
@@ -310,8 +362,10 @@ def describe(
     include: list[str] | None = typer.Option(None, help="Regex of extra matrices."),
     exclude: list[str] | None = typer.Option(None, help="Regex of matrices to keep dense."),
 ) -> None:
-    """Print the prunable set with shapes, counts and magnitudes, and warn about matrices that
-    one global magnitude ranking would wipe out first."""
+    """Print the prunable set: shapes, counts, magnitudes, and outlier warnings.
+
+    A matrix whose weights are far smaller than the rest is wiped out first by one global
+    magnitude ranking; describe shows how much of each matrix goes at 10/50/90 %."""
     from ticketlab.masks import Mask
     from ticketlab.models import load_model, matrix_stats, prunable_parameters
     from ticketlab.pruning import prune
@@ -338,7 +392,7 @@ def describe(
 
 
 #: Modules whose commands register on ``app`` when imported (see ticketlab/commands/).
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("ticketlab.commands.experiments", "ticketlab.commands.ship")
 
 for _module in COMMAND_MODULES:
     importlib.import_module(_module)
@@ -350,4 +404,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m ticketlab.cli`: run the importable module's app, on which the command modules
+    # registered (this file's own copy, __main__, has only the core commands).
+    from ticketlab.cli import main as _importable_main
+
+    sys.exit(_importable_main())

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -18,6 +18,10 @@ from ticketlab.hparams import RunHparams
 from ticketlab.models import fingerprint, load_model, load_tokenizer, prunable_parameters
 from ticketlab.tasks import get_task
 from ticketlab.tasks.base import DataSource, Task
+from ticketlab.tasks.mlm import missing_head_weights, name_tied_weights_once, train_mlm_head
+
+if TYPE_CHECKING:
+    from ticketlab.train import Runtime
 
 
 @dataclass
@@ -51,10 +55,19 @@ def data_source(hp: RunHparams) -> DataSource:
     return DataSource(path=path, options=dict(hp.data.options))
 
 
-def prepare(hp: RunHparams) -> Setup:
-    """Load the task data and θ0 (seeded head), featurise, and find the prunable set."""
+def prepare(hp: RunHparams, runtime: Runtime | None = None) -> Setup:
+    """Load the task data and θ0 (seeded head), featurise, and find the prunable set.
+
+    For MLM, a checkpoint without an MLM head is refused unless ``init_mlm_head_steps`` is set;
+    then the head alone is trained first (on ``runtime``), so θ0 and γ0 include that head.
+    """
     source = data_source(hp)
     task = get_task(hp.data.task, source)
+    task.configure(hp.data)
+    if hp.model.init_mlm_head_steps and task.head != "masked-lm":
+        raise TicketlabError(
+            f"--init-mlm-head trains a masked-language-model head, but task {hp.data.task} "
+            f"uses a {task.head} head.", "Leave --init-mlm-head out (it is for --task mlm).")
     train_examples = task.load(source, task.train_split)
     if hp.data.max_train_samples:
         train_examples = train_examples[: hp.data.max_train_samples]
@@ -72,6 +85,17 @@ def prepare(hp: RunHparams) -> Setup:
     model = load_model(hp.model.model, task.head, task.num_labels(train_examples),
                        seed=hp.train.seed, trust_remote_code=hp.model.trust_remote_code,
                        tokenizer=tokenizer)
+    name_tied_weights_once(model)  # BERT's MLM decoder is the word embedding: store it once
+    if task.head == "masked-lm" and not hp.model.init_mlm_head_steps:
+        missing = missing_head_weights(hp.model.model, hp.model.trust_remote_code)
+        if missing:
+            raise TicketlabError(
+                f"{hp.model.model!r} has no MLM head: the checkpoint lacks {len(missing)} of its "
+                f"weights ({', '.join(missing[:2])}, …), so every masked-token prediction would "
+                "come from a random head.",
+                "Pass --init-mlm-head N to first train the head alone for N steps (body frozen "
+                "and not pruned), e.g. --init-mlm-head 500; or use a checkpoint that has its "
+                "MLM head (e.g. bert-base-uncased).")
     prunable = prunable_parameters(model, hp.prune.prune_pooler, hp.prune.include,
                                    hp.prune.exclude)
     max_len = min(hp.data.max_length, getattr(tokenizer, "model_max_length", 10**6) or 10**6)
@@ -80,8 +104,11 @@ def prepare(hp: RunHparams) -> Setup:
         split: (task.featurize(ex, tokenizer, max_len, split), ex)
         for split, ex in eval_examples.items()
     }
+    collator = task.collator(tokenizer)
+    if hp.model.init_mlm_head_steps:
+        train_mlm_head(model, train_features, collator, hp.model.init_mlm_head_steps,
+                       hp.train.batch_size, hp.train.seed, runtime)
     theta0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return Setup(hp=hp, task=task, tokenizer=tokenizer, model=model, prunable=prunable,
                  fingerprint=fingerprint(prunable), theta0=theta0,
-                 train_features=train_features, eval_sets=eval_sets,
-                 collator=task.collator(tokenizer))
+                 train_features=train_features, eval_sets=eval_sets, collator=collator)

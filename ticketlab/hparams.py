@@ -19,6 +19,9 @@ from ticketlab.errors import TicketlabError
 PRUNING_METHODS = ("global", "layerwise", "global-normalized", "random")
 SCHEDULES = ("original", "remaining")
 
+#: Section -> fields that :meth:`RunHparams.identity` hashes only when set (see there).
+_ADDED_LATER = {"model": ("init_mlm_head_steps",), "data": ("doc_stride", "block_size")}
+
 
 @dataclass(frozen=True)
 class ModelHparams:
@@ -26,6 +29,16 @@ class ModelHparams:
 
     model: str = "minilm"
     trust_remote_code: bool = False
+    #: MLM only: steps that first train a missing MLM head (body frozen) before θ0 is taken.
+    #: Part of θ0's definition, hence of the run's identity. None = no head training.
+    init_mlm_head_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.init_mlm_head_steps is not None and self.init_mlm_head_steps < 1:
+            raise TicketlabError(
+                f"--init-mlm-head {self.init_mlm_head_steps} must be at least 1 step.",
+                "Give the number of steps that train the MLM head, e.g. --init-mlm-head 500.",
+            )
 
 
 @dataclass(frozen=True)
@@ -39,6 +52,10 @@ class DataHparams:
     max_length: int = 128
     #: Task-specific options as sorted (key, value) pairs, e.g. CSV column names.
     options: tuple[tuple[str, str], ...] = ()
+    #: SQuAD: tokens shared by consecutive windows of a long context (None = the task's 128).
+    doc_stride: int | None = None
+    #: MLM: tokens per training/evaluation block (None = the task's 128; the paper's code 512).
+    block_size: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_train_samples", "max_eval_samples"):
@@ -53,6 +70,17 @@ class DataHparams:
             raise TicketlabError(
                 f"--max-length {self.max_length} is too short for any task.",
                 "Use the paper's 128 (GLUE) or 384 (SQuAD).",
+            )
+        if self.doc_stride is not None and not 1 <= self.doc_stride < self.max_length:
+            raise TicketlabError(
+                f"--doc-stride {self.doc_stride} must be at least 1 and below --max-length "
+                f"{self.max_length}: it is the overlap of consecutive context windows.",
+                "Use the paper's 128 with --max-length 384.",
+            )
+        if self.block_size is not None and self.block_size < 8:
+            raise TicketlabError(
+                f"--block-size {self.block_size} is too short for masked language modelling.",
+                "Use 128 (the default) or the paper's 512.",
             )
 
 
@@ -157,9 +185,17 @@ class RunHparams:
         return cls(**parts)
 
     def identity(self) -> dict[str, Any]:
-        """The hashed part: all of it except how far to prune."""
+        """The hashed part: all of it except how far to prune.
+
+        Fields added after runs were first stored are left out while unset, so an older run
+        directory keeps its name (and ``find`` still resumes or extends it).
+        """
         d = self.to_dict()
         d["prune"].pop("target_sparsity")
+        for section, names in _ADDED_LATER.items():
+            for name in names:
+                if d[section][name] is None:
+                    del d[section][name]
         return d
 
     def run_id(self) -> str:

@@ -121,7 +121,7 @@ def find_ticket(
     """Run (or resume) IMP until ``hp.prune.target_sparsity``. Returns the run directory."""
     console = console or Console()
     schedule = sparsity_schedule(hp.prune.target_sparsity, hp.prune.rate, hp.prune.schedule)
-    setup = prepare(hp)  # everything validated before the run directory is touched
+    setup = prepare(hp, runtime)  # everything validated before the run directory is touched
     steps = planned_steps(len(next(iter(setup.train_features.values()))), hp.train)
     if hp.prune.rewind_step >= steps:
         raise TicketlabError(
@@ -256,7 +256,7 @@ def finetune(
     from another task). Stored as a one-level run named by the hparams and the mask's checksum."""
     console = console or Console()
     mask = Mask.load(mask_path) if mask_path is not None else None
-    setup = prepare(hp)
+    setup = prepare(hp, runtime)
     if mask is not None:
         mask.check_compatible(setup.prunable, setup.fingerprint, allow_different_weights,
                               source=f"mask {mask_path}")

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from ticketlab.errors import TicketlabError
 from ticketlab.tasks.base import DataSource, Task
 from ticketlab.tasks.glue import GLUE_TASKS
+from ticketlab.tasks.mlm import MlmTask
+from ticketlab.tasks.squad import SquadTask
 from ticketlab.tasks.text_classification import TextClassificationTask
 
 #: Canonical name -> factory(source) building the task.
@@ -20,16 +22,15 @@ _FACTORIES: dict[str, Callable[[DataSource | None], Task]] = {
     **GLUE_TASKS,
     "csv": lambda source: TextClassificationTask("csv", source),
     "json": lambda source: TextClassificationTask("json", source),
-    # SQuAD ("squad", question-answering head) and MLM ("mlm", masked-lm head) are registered
-    # here by a later issue, e.g. ``"squad": SquadTask, "mlm": MlmTask``; add their names to
-    # the factories only, TASK_NAMES and the suggestions follow automatically.
+    "squad": SquadTask,
+    "mlm": MlmTask,
 }
 
 #: Every task name :func:`get_task` accepts (canonical spellings).
 TASK_NAMES: tuple[str, ...] = tuple(_FACTORIES)
 
 #: Extra spellings -> canonical name (after lower-casing and dropping "-" and "_").
-_ALIASES = {"jsonl": "json", "tsv": "csv"}
+_ALIASES = {"jsonl": "json", "tsv": "csv", "maskedlm": "mlm"}
 
 
 def _normalise(name: str) -> str:

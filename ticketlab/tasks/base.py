@@ -11,9 +11,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from ticketlab.hparams import DataHparams
 
 #: The ``AutoModelFor...`` family a task needs. Masks transfer between heads because the
 #: prunable set is the encoder body's, which all of them share.
@@ -45,6 +48,21 @@ class Task(ABC):
     main_metric: str = "accuracy"
     train_split: str = "train"
     eval_splits: dict[str, str] = {"dev": ""}
+    #: The paper's settings for this task, keyed by training-option name. The CLI fills in each
+    #: one the user did not pass, so ``find --task squad`` trains like the paper without flags.
+    #: Task-specific settings (SQuAD's ``doc_stride``, MLM's ``block_size``) appear only on the
+    #: tasks they apply to; passing them for another task is an error. The base values are
+    #: the paper's GLUE settings (lr 2e-5, batch 32, 3 epochs, 128 tokens).
+    paper_defaults: dict[str, Any] = {"lr": 2e-5, "batch_size": 32, "epochs": 3.0,
+                                      "max_length": 128}
+
+    def configure(self, data: DataHparams) -> None:  # noqa: B027 - optional hook, no-op here
+        """Take task-specific settings from the run's data hparams before featurising.
+
+        Called by :func:`ticketlab.experiment.prepare`; most tasks need nothing beyond
+        ``max_length`` (handed to :meth:`featurize`), SQuAD reads ``doc_stride`` and MLM
+        ``block_size``.
+        """
 
     @abstractmethod
     def load(self, source: DataSource, split: str) -> list[dict[str, Any]]:

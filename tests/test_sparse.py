@@ -1,0 +1,316 @@
+"""The sparse engine: kernel correctness, accelerated models match dense, measured fallback."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+from typer.testing import CliRunner
+
+from ticketlab.errors import TicketlabError
+from ticketlab.masks import Mask
+from ticketlab.pruning import prune
+from ticketlab.sparse import CalibrationTable, accelerate_ticket, choose, sparse_layers, table_key
+from ticketlab.sparse.build import TOKEN_BLOCKS
+from ticketlab.sparse.calibration import DENSE, candidate_variants, measure_layer, token_bucket
+from ticketlab.sparse.kernels import Variant, pack_weight, spmm
+
+VARIANTS = [Variant(tb, kc) for tb in TOKEN_BLOCKS for kc in (16, 64, 512)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernel_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Build the kernel and keep calibration tables in a temporary cache, not ~/.cache."""
+    old = os.environ.get("TICKETLAB_CACHE")
+    os.environ["TICKETLAB_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        del os.environ["TICKETLAB_CACHE"]
+    else:
+        os.environ["TICKETLAB_CACHE"] = old
+
+
+def sparse_matrix(n: int, k: int, sparsity: float, seed: int = 0) -> torch.Tensor:
+    """BERT-scaled random weights with a random mask, plus an all-pruned row and column."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    w *= torch.rand(n, k, generator=g) >= sparsity
+    w[n // 2] = 0
+    w[:, k // 3] = 0
+    return w
+
+
+def unpack(p) -> torch.Tensor:
+    """Dense matrix back from the packed layout (independent of the kernel)."""
+    out = torch.zeros(p.out_features, p.in_features)
+    rowptr = p.rowptr.long().view(p.ncb, p.out_features + 1)
+    for c in range(p.ncb):
+        for r in range(p.out_features):
+            lo, hi = int(rowptr[c, r]), int(rowptr[c, r + 1])
+            out[r, c * p.kc + p.idx[lo:hi].long()] = p.val[lo:hi]
+    return out
+
+
+@pytest.mark.parametrize("kc", [16, 50, 512])
+def test_packing_round_trips(kc):
+    w = sparse_matrix(37, 130, 0.9)
+    packed = pack_weight(w, kc)
+    assert packed.nnz == int((w != 0).sum())
+    assert torch.equal(unpack(packed), w)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 0.99])
+def test_kernel_matches_dense(sparsity):
+    w = sparse_matrix(70, 200, sparsity, seed=1)
+    b = torch.randn(70) * 0.1
+    g = torch.Generator().manual_seed(2)
+    for tokens in (1, 7, 16, 33, 130):
+        x = torch.randn(tokens, 200, generator=g)
+        ref = (x.double() @ w.double().T + b.double()).float()
+        for v in VARIANTS:
+            packed = pack_weight(w, v.kc)
+            for threads in (1, 2):
+                y = spmm(x, packed, b, v.tb, threads)
+                err = (y - ref).abs().max().item()
+                assert err <= 1e-5, (tokens, v, threads, err)
+                assert torch.equal(y[:, 35], b[35].expand(tokens))  # all-pruned row: bias only
+
+
+def test_all_pruned_matrix_and_no_bias():
+    w = torch.zeros(24, 40)
+    x = torch.randn(9, 40)
+    b = torch.randn(24)
+    for tb in TOKEN_BLOCKS:
+        packed = pack_weight(w, 16)
+        assert packed.nnz == 0
+        assert torch.equal(spmm(x, packed, b, tb, 2), b.expand(9, 24))
+        assert torch.equal(spmm(x, packed, None, tb, 1), torch.zeros(9, 24))
+    assert spmm(torch.zeros(0, 40), pack_weight(w, 16), b, 16).shape == (0, 24)
+
+
+class ForcedTable(CalibrationTable):
+    """Every key says the given sparse variant beats dense: the kernel runs everywhere."""
+
+    def __init__(self, variant: str) -> None:
+        super().__init__()
+        self.variant = variant
+
+    def get(self, key: str) -> dict[str, float]:
+        base = self.variant.removesuffix("-t1")  # what confirms it on one thread
+        return {DENSE: 1.0, self.variant: 0.1, base: 0.2}
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    from ticketlab.models import load_model, load_tokenizer
+
+    model = load_model("minilm", "sequence-classification", num_labels=2).eval()
+    return model, load_tokenizer("minilm")
+
+
+@pytest.fixture(scope="module")
+def sst2_batch(minilm, glue_dir: Path):
+    from ticketlab.tasks import DataSource, get_task
+
+    examples = get_task("sst2").load(DataSource(glue_dir), "dev")[:12]
+    return minilm[1]([e["text_a"] for e in examples], padding=True, return_tensors="pt")
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 0.99])
+def test_accelerated_minilm_matches_dense_on_real_and_random_inputs(minilm, sst2_batch, sparsity):
+    import copy
+
+    from ticketlab.models import prunable_parameters
+
+    model = copy.deepcopy(minilm[0])
+    params = prunable_parameters(model, prune_pooler=False)
+    if sparsity:
+        prune(params, Mask.ones_like(params), sparsity).apply_(params)
+    g = torch.Generator().manual_seed(3)
+    random_batch = {"input_ids": torch.randint(1000, 30000, (2, 100), generator=g),
+                    "attention_mask": torch.ones(2, 100, dtype=torch.long)}
+    for variant in ("tb16-kc128", "tb32-kc256-t1", "tb64-kc512"):
+        fast = accelerate_ticket(model, table=ForcedTable(variant))
+        layers = sparse_layers(fast)
+        assert len(layers) == 6 * 6 + 1  # every encoder Linear and the pooler
+        for batch in (sst2_batch, random_batch):
+            with torch.inference_mode():
+                ref = model.bert(**batch).last_hidden_state
+                out = fast.bert(**batch).last_hidden_state
+                # Padding positions are excluded: their states are noise that nothing reads
+                # (there even dense float32 and float64 differ by ~1e-4).
+                real = batch["attention_mask"].bool()
+                assert (ref - out)[real].abs().max().item() <= 1e-4
+                assert (model(**batch).logits - fast(**batch).logits).abs().max() <= 1e-4
+        tokens = int(random_batch["input_ids"].numel())
+        assert all(m.decide(tokens, torch.get_num_threads()) == variant
+                   for m in layers.values())
+    assert all(not p.requires_grad for p in fast.parameters())
+    assert all(p.requires_grad for p in model.parameters())  # the input model is untouched
+
+
+def test_fallback_picks_dense_where_dense_is_faster(tiny_bert_dir):
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(tiny_bert_dir).eval()
+    threads = 1
+    tokens = 128
+    table = CalibrationTable()
+    expected = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, torch.nn.Linear):
+            continue
+        density = float((m.weight != 0).float().mean())
+        key = table_key(m.out_features, m.in_features, density, tokens, threads)
+        if "attention" in name:  # dense is faster here
+            table.entries[key] = {DENSE: 1.0, "tb32-kc128": 1.5, "tb64-kc128": 2.0}
+            expected[name] = DENSE
+        elif "intermediate" in name:  # sparse wins clearly
+            table.entries[key] = {DENSE: 1.0, "tb32-kc128": 0.4, "tb64-kc128": 0.5}
+            expected[name] = "tb32-kc128"
+        else:  # sparse within the 5 % margin: not worth it
+            table.entries[key] = {DENSE: 1.0, "tb32-kc128": 0.97}
+            expected[name] = DENSE
+    before = json.dumps(table.entries, sort_keys=True)
+    fast = accelerate_ticket(model, tokens=(tokens,), threads=(threads,), table=table)
+    layers = sparse_layers(fast)
+    assert set(layers) == set(expected)
+    for name, layer in layers.items():
+        assert layer.plan == {(token_bucket(tokens), threads): expected[name]}, name
+        assert (expected[name] == DENSE) == (not layer.packed)  # dense layers pack nothing
+    assert json.dumps(table.entries, sort_keys=True) == before  # nothing was measured
+    x = torch.randint(1000, 30000, (2, 64))
+    with torch.inference_mode():
+        diff = (model(input_ids=x).last_hidden_state - fast(input_ids=x).last_hidden_state)
+    assert diff.abs().max() <= 1e-5
+
+
+def test_choose_rule():
+    assert choose({DENSE: 1.0, "a": 0.5, "b": 0.4}) == "b"
+    assert choose({DENSE: 1.0, "a": 1.2}) == DENSE
+    assert choose({DENSE: 1.0, "a": 0.97}) == DENSE  # inside the margin
+    assert choose({DENSE: 1.0, "a": 0.97}, margin=0.0) == "a"
+    assert choose({DENSE: 1.0}) == DENSE
+    # On several threads a variant must also be cheaper than dense on one thread.
+    multi = {DENSE: 1.0, "a": 0.5, "b": 0.4}
+    assert choose(multi, confirm={DENSE: 1.0, "a": 0.6, "b": 1.1}) == "a"
+    assert choose(multi, confirm={DENSE: 1.0, "a": 1.3, "b": 1.1}) == DENSE
+    # "-t1": the same kernel on the calling thread only; confirmed by its one-thread timing.
+    assert choose({DENSE: 1.0, "tb32-kc64": 0.6, "tb32-kc64-t1": 0.5},
+                  confirm={DENSE: 1.0, "tb32-kc64": 0.4}) == "tb32-kc64-t1"
+    with pytest.raises(ValueError):
+        choose({"a": 1.0})
+
+
+def test_multithread_choice_needs_one_thread_confirmation():
+    """Two-thread timings say sparse wins (a noisy dense measurement), one-thread CPU times say
+    dense is cheaper: the layer stays dense. Where both agree it runs sparse."""
+    w_dense = torch.randn(48, 64) * 0.05
+    w_sparse = sparse_matrix(48, 64, 0.9)
+    table = CalibrationTable()
+    for w, one_thread in ((w_dense, {DENSE: 1.0, "tb32-kc64": 1.8}),
+                          (w_sparse, {DENSE: 1.0, "tb32-kc64": 0.3})):
+        density = float((w != 0).float().mean())
+        table.entries[table_key(48, 64, density, 128, 2)] = {DENSE: 1.0, "tb32-kc64": 0.5}
+        table.entries[table_key(48, 64, density, 128, 1)] = one_thread
+    net = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.Linear(64, 48))
+    with torch.no_grad():
+        net[0].weight.copy_(w_dense)
+        net[1].weight.copy_(w_sparse)
+    fast = accelerate_ticket(net, tokens=(128,), threads=(2,), table=table)
+    plans = {n: m.plan[(128, 2)] for n, m in sparse_layers(fast).items()}
+    assert plans == {"0": DENSE, "1": "tb32-kc64"}
+
+
+def test_calibration_is_measured_cached_and_reused(tmp_path, monkeypatch):
+    import ticketlab.sparse.engine as engine
+
+    w = sparse_matrix(64, 96, 0.9)
+    timings = measure_layer(w, None, 40, 1)
+    assert set(timings) == {DENSE} | {v.name for v in candidate_variants(96, 40)}
+    assert all(t > 0 for t in timings.values())
+
+    path = tmp_path / "calibration.json"
+    layer = torch.nn.Linear(96, 64)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+    fast = accelerate_ticket(torch.nn.Sequential(layer), tokens=(128, 16), threads=(1,),
+                             table=CalibrationTable.load(path))
+    stored = json.loads(path.read_text())["entries"]
+    density = float((w != 0).float().mean())
+    assert sorted(stored) == sorted(table_key(64, 96, density, t, 1) for t in (128, 16))
+    x = torch.randn(5, 96)
+    with torch.inference_mode():
+        assert (fast(x) - layer(x)).abs().max() <= 1e-5
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("measured although the table has the entry")
+
+    monkeypatch.setattr(engine, "measure_layer", no_measuring)
+    again = accelerate_ticket(torch.nn.Sequential(layer), tokens=(100,), threads=(1,),
+                              table=CalibrationTable.load(path))
+    key = table_key(64, 96, density, 128, 1)
+    assert sparse_layers(again)["0"].plan[(128, 1)] == choose(stored[key])
+    path.write_text("{not json")
+    assert CalibrationTable.load(path).entries == {}
+
+
+def test_gradients_still_flow_through_the_dense_path():
+    layer = torch.nn.Linear(32, 16)
+    fast = accelerate_ticket(torch.nn.Sequential(layer), table=ForcedTable("tb16-kc128"))
+    x = torch.randn(4, 32, requires_grad=True)
+    fast(x).sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    layer(x2).sum().backward()
+    assert torch.allclose(x.grad, x2.grad)
+
+
+def test_missing_compiler_is_a_clear_error(tmp_path, monkeypatch):
+    from ticketlab.sparse.build import library_path
+
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("TICKETLAB_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(TicketlabError, match="C compiler") as e:
+        library_path()
+    assert "gcc" in e.value.fix
+
+
+def test_bench_command_prints_the_table_and_writes_the_png(tiny_hparams, tmp_path):
+    from ticketlab.cli import app
+    from ticketlab.imp import find_ticket
+    from ticketlab.train import Runtime
+
+    hp = tiny_hparams(target_sparsity=0.5, rate=0.5)
+    run = find_ticket(hp, tmp_path / "root", Runtime(progress=False),
+                      Console(file=open(os.devnull, "w")))  # noqa: SIM115
+    png = tmp_path / "speed.png"
+    result = CliRunner().invoke(app, [
+        "bench", run.path.name, "--level", "1", "--root", str(tmp_path / "root"),
+        "--batch-sizes", "1,2", "--seq-len", "16", "--threads", "1", "--reps", "1",
+        "--png", str(png)])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "dense ms" in text and "accel ms" in text and "CPU-time speed-up" in text
+    assert "level 0: sparsity 0.0%" in text and "level 1: sparsity 50.0%" in text
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = CliRunner().invoke(app, ["bench", run.path.name, "--level", "1", "--root",
+                                   str(tmp_path / "root"), "--batch-sizes", "x"])
+    assert bad.exit_code == 2 and "Fix:" in bad.output
+
+    # The sweep times every level at its own sparsity: its mask on the dense θ0, not on the
+    # benchmarked level's (already sparse) trained weights.
+    from ticketlab.commands.ship import level_models
+    from ticketlab.export import load_level
+    from ticketlab.models import prunable_parameters
+
+    seen = []
+    for level, mask, net in level_models(load_level(run.path, 1, tmp_path / "root")):
+        params = prunable_parameters(net, prune_pooler=True)
+        zeros = sum(int((p == 0).sum()) for p in params.values())
+        assert zeros / sum(p.numel() for p in params.values()) == mask.sparsity
+        seen.append((level, mask.sparsity))
+    assert seen == [(0, 0.0), (1, 0.5)]

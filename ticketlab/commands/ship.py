@@ -1,0 +1,237 @@
+"""``ticketlab export`` and ``ticketlab bench``: ship a ticket, and show that it is faster.
+
+``export`` writes a level of a run as a standard Hugging Face folder or as a compressed ticket
+(:mod:`ticketlab.export`). ``bench`` times the level's model dense and accelerated
+(:func:`ticketlab.sparse.accelerate_ticket`) side by side in one process, at batch 1 and 32 and
+sequence 128, and plots the speed-up of every finished level of the run against its sparsity.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from ticketlab.cli import app, console, friendly
+from ticketlab.errors import TicketlabError
+
+
+@app.command()
+@friendly
+def export(
+    run: str = typer.Argument(..., help="Run id (or unique prefix) or path."),
+    level: int = typer.Option(..., "--level", help="The level (ticket) to export."),
+    to: Path = typer.Option(..., "--to", help="Output folder (new or empty)."),
+    compressed: bool = typer.Option(False, help="Write a compressed ticket (packed bitmask + "
+                                    "surviving values); load it with ticketlab.load_ticket."),
+    fp16: bool = typer.Option(False, help="Compressed ticket: store surviving values as fp16."),
+    force: bool = typer.Option(False, help="Replace a non-empty output folder."),
+    root: Path | None = typer.Option(None, help="Run store (default: ~/.ticketlab/runs)."),
+) -> None:
+    """Export a level as a Hugging Face model folder (pruned weights exactly zero), or with
+    --compressed as a compressed ticket. Either way the tokenizer is included."""
+    from ticketlab.export import TICKET_FILE, export_level, ticket_sizes
+
+    ticket = export_level(run, level, to, root, compressed=compressed, fp16=fp16, force=force)
+    info = ticket.info
+    console.print(f"[green]exported[/green] {info['run']} level {level} "
+                  f"(sparsity {info['sparsity']:.1%}, {info['task']}) to {to}")
+    if compressed:
+        s = ticket_sizes(Path(to) / TICKET_FILE)
+        console.print(
+            f"prunable matrices: {s['prunable_bytes'] / 2**20:.2f} MiB = "
+            f"{s['prunable_ratio']:.4f}x their dense fp32 size; whole file "
+            f"{s['file_bytes'] / 2**20:.2f} MiB = {s['file_ratio']:.3f}x the dense model. "
+            "Load with ticketlab.load_ticket(DIR).", highlight=False)
+    else:
+        console.print("Load with transformers: AutoModelForSequenceClassification"
+                      f".from_pretrained({str(to)!r}) (or the AutoModel class of its head).",
+                      highlight=False)
+
+
+def _parse_ints(values: list[str] | None, default: list[int], what: str) -> list[int]:
+    if not values:
+        return default
+    try:
+        out = sorted({int(p) for v in values for p in str(v).split(",") if p.strip()})
+    except ValueError as e:
+        raise TicketlabError(f"{what} must be integers, got {values}.",
+                             f"Pass e.g. --{what} 1,32.") from e
+    if not out or min(out) < 1:
+        raise TicketlabError(f"{what} must be positive integers, got {values}.",
+                             f"Pass e.g. --{what} 1,32.")
+    return out
+
+
+def time_pair(fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, dict[str, float]]:
+    """Best wall time and best CPU time of the calling thread of each function, over
+    interleaved calls (the order alternates every round)."""
+    names = list(fns)
+    best = {n: {"wall": float("inf"), "cpu": float("inf")} for n in names}
+    for r in range(reps):
+        for name in names if r % 2 == 0 else names[::-1]:
+            w0, c0 = time.perf_counter(), time.thread_time()
+            fns[name]()
+            best[name]["wall"] = min(best[name]["wall"], time.perf_counter() - w0)
+            best[name]["cpu"] = min(best[name]["cpu"], time.thread_time() - c0)
+    return best
+
+
+@app.command()
+@friendly
+def bench(
+    run: str = typer.Argument(..., help="Run id (or unique prefix) or path."),
+    level: int = typer.Option(..., "--level", help="The level (ticket) to benchmark."),
+    batch_sizes: list[str] | None = typer.Option(None, "--batch-sizes",
+                                                 help="Batch sizes (default: 1,32)."),
+    seq_len: int = typer.Option(128, help="Tokens per sequence."),
+    threads: list[str] | None = typer.Option(None, help="Thread counts (default: 1 and "
+                                             "torch's current count)."),
+    reps: int = typer.Option(5, help="Timed calls per variant (interleaved; the best is "
+                             "kept, and on one thread also the best CPU time)."),
+    png: Path | None = typer.Option(None, help="Speed-up plot (default: "
+                                    "./ticketlab-bench-<run>-L<level>.png)."),
+    sweep: bool = typer.Option(True, help="Also time every finished level of the run at "
+                               "batch 1 for the plot (their masks on the dense θ0)."),
+    root: Path | None = typer.Option(None, help="Run store (default: ~/.ticketlab/runs)."),
+) -> None:
+    """Dense vs accelerated latency and throughput of a level, side by side in one process,
+    and a PNG of speed-up against sparsity."""
+    import torch
+    from rich.table import Table
+
+    from ticketlab.export import load_level
+    from ticketlab.sparse import accelerate_ticket, sparse_layers
+
+    if seq_len < 1 or reps < 1:
+        raise TicketlabError("--seq-len and --reps must be at least 1.", "Pass positive values.")
+    sizes = _parse_ints(batch_sizes, [1, 32], "batch-sizes")
+    thread_counts = _parse_ints(threads, sorted({1, torch.get_num_threads()}), "threads")
+    ticket = load_level(run, level, root)
+    model = ticket.model
+    vocab = model.config.vocab_size
+    if seq_len > getattr(model.config, "max_position_embeddings", seq_len):
+        raise TicketlabError(f"--seq-len {seq_len} exceeds the model's "
+                             f"{model.config.max_position_embeddings} positions.",
+                             "Pass a shorter --seq-len.")
+    gen = torch.Generator().manual_seed(0)
+    inputs = {b: {"input_ids": torch.randint(1000, vocab, (b, seq_len), generator=gen),
+                  "attention_mask": torch.ones(b, seq_len, dtype=torch.long)} for b in sizes}
+    original_threads = torch.get_num_threads()
+    console.print(f"[bold]bench[/bold] {ticket.info['run']} level {level}: "
+                  f"{ticket.info['model']}, sparsity {ticket.mask.sparsity:.1%}; "
+                  f"seq {seq_len}, best of {reps} interleaved calls. Calibrating…")
+    fast = accelerate_ticket(model, tokens=[b * seq_len for b in sizes], threads=thread_counts)
+    layers = sparse_layers(fast)
+
+    table = Table(title=f"dense vs accelerated, level {level} ({ticket.mask.sparsity:.1%} "
+                  "sparse)")
+    for col in ("threads", "batch", "dense ms", "accel ms", "dense seq/s", "accel seq/s",
+                "speed-up", "CPU-time speed-up", "sparse layers", "max |Δ logit|"):
+        table.add_column(col, justify="right")
+    results: dict[tuple[int, int], float] = {}
+    try:
+        with torch.inference_mode():
+            for th in thread_counts:
+                torch.set_num_threads(th)
+                for b in sizes:
+                    batch = inputs[b]
+                    ref, out = model(**batch).logits, fast(**batch).logits  # also warm-up
+                    diff = float((ref - out).abs().max())
+                    t = time_pair({"dense": lambda batch=batch: model(**batch),
+                                   "accel": lambda batch=batch: fast(**batch)}, reps)
+                    dense, accel = t["dense"]["wall"], t["accel"]["wall"]
+                    results[(th, b)] = dense / accel
+                    # On one thread all work runs on this thread: its CPU time is the cost
+                    # without the share other processes take of the core.
+                    cpu = f"{t['dense']['cpu'] / t['accel']['cpu']:.2f}x" if th == 1 else "–"
+                    used = sum(m.decide(b * seq_len, th) != "dense" for m in layers.values())
+                    table.add_row(str(th), str(b), f"{dense * 1e3:.1f}", f"{accel * 1e3:.1f}",
+                                  f"{b / dense:.1f}", f"{b / accel:.1f}",
+                                  f"{dense / accel:.2f}x", cpu, f"{used}/{len(layers)}",
+                                  f"{diff:.1e}")
+            console.print(table)
+            points = _sweep(ticket, inputs[min(sizes)], thread_counts, reps) if sweep else {}
+    finally:
+        torch.set_num_threads(original_threads)
+    png = png or Path(f"ticketlab-bench-{ticket.info['run']}-L{level}.png")
+    _plot(png, ticket, results, points, min(sizes), seq_len)
+    console.print(f"plot: {png}")
+
+
+def level_models(ticket: Any) -> Iterator[tuple[int, Any, Any]]:
+    """``(level, mask, model)`` for every finished level of the ticket's run: the level's mask
+    applied to the dense pre-trained weights θ0 (with a fresh head).
+
+    Speed depends on the sparsity pattern, not on the values, and θ0 is dense; this level's
+    trained weights are not (a lower level's mask on them would keep this level's sparsity).
+    """
+    import copy
+
+    from ticketlab.masks import Mask
+    from ticketlab.models import load_model, prunable_parameters
+    from ticketlab.store import Run
+
+    run = Run(ticket.run_path)
+    info = ticket.info
+    theta0 = load_model(info["model"], info["head"], info["num_labels"],
+                        trust_remote_code=info.get("trust_remote_code", False)).eval()
+    for lvl in run.levels():
+        mask = Mask.load(run.level_dir(lvl) / "mask.safetensors")
+        net = copy.deepcopy(theta0)
+        params = prunable_parameters(net, prune_pooler=True)
+        mask.for_params(params).apply_(params)
+        yield lvl, mask, net
+
+
+def _sweep(ticket: Any, batch: dict[str, Any], thread_counts: list[int],
+           reps: int) -> dict[int, list[tuple[float, float]]]:
+    """Speed-up at ``batch`` of every finished level of the run (see :func:`level_models`)."""
+    import torch
+
+    from ticketlab.sparse import accelerate_ticket
+
+    points: dict[int, list[tuple[float, float]]] = {th: [] for th in thread_counts}
+    tokens = int(batch["input_ids"].numel())
+    for lvl, mask, net in level_models(ticket):
+        fast = accelerate_ticket(net, tokens=[tokens], threads=thread_counts)
+        for th in thread_counts:
+            torch.set_num_threads(th)
+            fast(**batch)
+            t = time_pair({"dense": lambda net=net: net(**batch),
+                           "accel": lambda fast=fast: fast(**batch)}, reps)
+            points[th].append((mask.sparsity, t["dense"]["wall"] / t["accel"]["wall"]))
+        console.print(f"  level {lvl}: sparsity {mask.sparsity:.1%}  " + "  ".join(
+            f"{th} thr {points[th][-1][1]:.2f}x" for th in thread_counts), highlight=False)
+    return {th: sorted(p) for th, p in points.items()}
+
+
+def _plot(png: Path, ticket: Any, results: dict[tuple[int, int], float],
+          points: dict[int, list[tuple[float, float]]], batch: int, seq_len: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for th, pts in points.items():
+        if pts:
+            ax.plot([100 * s for s, _ in pts], [r for _, r in pts], "o-",
+                    label=f"levels of the run, batch {batch}, {th} thread(s)")
+    sparsity = 100 * ticket.mask.sparsity
+    for (th, b), r in sorted(results.items()):
+        ax.scatter([sparsity], [r], marker="*", s=120, zorder=3,
+                   label=f"level {ticket.info['level']}, batch {b}, {th} thread(s)")
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("sparsity of the prunable set (%)")
+    ax.set_ylabel("speed-up over dense PyTorch (x)")
+    ax.set_title(f"{ticket.info['model']} ({ticket.info['task']}), seq {seq_len}")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,221 @@
+"""Measured kernel choice: a short timing per (shape, density, token count, threads), cached.
+
+Whether a sparse kernel beats the dense one, and which sparse variant wins, depends on things
+no formula gets right on every machine: the density, the matrix shape, the number of tokens,
+the thread count, the CPU's caches and vector units, and how well MKL does on that shape. So
+ticketlab measures: for each distinct key it times dense ``F.linear`` and every sparse variant on
+random activations of that size, interleaved round by round, keeps each one's best time, and
+stores the numbers in a JSON table next to the built kernel (a new kernel, compiler or CPU starts
+a new table). The choice rule lives in :func:`choose`: a sparse variant is used only when it
+beats dense by ``margin`` (on more than one thread: and also on one thread, in CPU time);
+otherwise the layer stays dense, so an accelerated model is never slower than dense by more than
+measurement noise.
+
+Keys bucket the density to steps of 0.02 and the token count to :data:`TOKEN_BUCKETS` (nearest
+in log scale), so the 72 layers of BERT-base calibrate a few dozen keys, once per machine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ticketlab.sparse.build import TOKEN_BLOCKS
+from ticketlab.sparse.kernels import COLUMN_CHUNKS, PackedWeight, Variant, pack_weight, spmm
+
+TABLE_FORMAT = "ticketlab.calibration"
+TABLE_VERSION = 1
+#: Token counts calibrated for; a call with T tokens uses the nearest one (in log scale).
+TOKEN_BUCKETS = (16, 128, 1024)
+#: Density is bucketed to this step in the table's keys.
+DENSITY_STEP = 0.02
+DENSE = "dense"
+#: A sparse variant must be this much faster than dense to be chosen.
+DEFAULT_MARGIN = 0.05
+
+
+def token_bucket(tokens: int) -> int:
+    """The calibrated token count closest to ``tokens`` in log scale."""
+    t = max(int(tokens), 1)
+    return min(TOKEN_BUCKETS, key=lambda b: abs(math.log(t / b)))
+
+
+def table_key(out_features: int, in_features: int, density: float, tokens: int,
+              threads: int) -> str:
+    """The table key of a layer shape, its density, a token count and a thread count."""
+    d = round(density / DENSITY_STEP) * DENSITY_STEP
+    return f"{out_features}x{in_features}/d{d:.2f}/t{token_bucket(tokens)}/th{threads}"
+
+
+#: A variant name's own-thread-count suffix ("tb64-kc256-t1" runs "tb64-kc256" on one thread).
+_SINGLE = re.compile(r"-t\d+$")
+
+
+def _wins(timings: dict[str, float], margin: float) -> dict[str, float]:
+    if DENSE not in timings:
+        raise ValueError("a calibration entry needs a 'dense' timing")
+    bar = timings[DENSE] * (1 - margin)
+    return {k: v for k, v in timings.items() if k != DENSE and v < bar}
+
+
+def choose(timings: dict[str, float], margin: float = DEFAULT_MARGIN,
+           confirm: dict[str, float] | None = None) -> str:
+    """The kernel to run: the fastest sparse variant if it beats dense by ``margin``, else dense.
+
+    ``confirm`` (the same key's timings on one thread) restricts the candidates to the variants
+    that also beat dense there. Why: multi-thread timings are wall times, and on a machine that
+    other processes share, one unlucky dense measurement can make a sparse kernel look faster at
+    a density where it does more work; one-thread timings are CPU times, which that noise does
+    not reach. So a sparse kernel runs on N threads only when it is both cheaper (one thread)
+    and faster (N threads). A table without a dense timing is refused: the fallback can only be
+    decided against it.
+    """
+    sparse = _wins(timings, margin)
+    if confirm is not None:
+        cheaper = _wins(confirm, margin)
+        sparse = {k: v for k, v in sparse.items() if _SINGLE.sub("", k) in cheaper}
+    if not sparse:
+        return DENSE
+    return min(sparse, key=sparse.__getitem__)
+
+
+def candidate_variants(in_features: int, tokens: int, threads: int = 1) -> list[Variant]:
+    """The sparse variants worth timing: token blocks no wider than the input, distinct column
+    chunks, and on several threads each also run on the calling thread alone."""
+    bucket = token_bucket(tokens)
+    tbs = [tb for tb in TOKEN_BLOCKS if tb <= max(bucket, TOKEN_BLOCKS[0])]
+    kcs = sorted({min(kc, in_features) for kc in COLUMN_CHUNKS})
+    own = (0, 1) if threads > 1 else (0,)
+    return [Variant(tb, kc, t) for t in own for tb in tbs for kc in kcs]
+
+
+def time_candidates(fns: dict[str, Callable[[], Any]], rounds: int = 3, budget_s: float = 4.0,
+                    clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Best time of each function, measured in interleaved rounds after one warm-up each.
+
+    Interleaving spreads drift in machine load over all candidates alike. After the first round,
+    candidates slower than 1.5x the best so far are dropped, and rounds stop once ``budget_s`` is
+    spent (every candidate keeps at least one measurement).
+    """
+    best: dict[str, float] = {}
+    for fn in fns.values():
+        fn()
+    start = time.perf_counter()
+    alive = list(fns)
+    for r in range(rounds):
+        for name in alive:
+            t0 = clock()
+            fns[name]()
+            dt = clock() - t0
+            best[name] = min(best.get(name, math.inf), dt)
+        if r == 0:
+            floor = min(best.values())
+            alive = [n for n in alive if best[n] <= 1.5 * floor or n == DENSE]
+        if time.perf_counter() - start > budget_s:
+            break
+    return best
+
+
+@torch.no_grad()
+def measure_layer(weight: torch.Tensor, bias: torch.Tensor | None, tokens: int, threads: int,
+                  packed: dict[int, PackedWeight] | None = None) -> dict[str, float]:
+    """Time dense and every sparse variant for this layer at ``tokens`` tokens and ``threads``.
+
+    ``packed`` caches the packed weight per column chunk (filled in as a side effect).
+    """
+    packed = {} if packed is None else packed
+    n, k = weight.shape
+    bucket = token_bucket(tokens)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(bucket, k, generator=gen)
+    w = weight.detach().float()
+    b = bias.detach().float() if bias is not None else None
+    fns: dict[str, Callable[[], Any]] = {DENSE: lambda: F.linear(x, w, b)}
+    for v in candidate_variants(k, bucket, threads):
+        if v.kc not in packed:
+            packed[v.kc] = pack_weight(w, v.kc)
+        pw = packed[v.kc]
+        fns[v.name] = lambda pw=pw, tb=v.tb, th=v.threads or threads: spmm(x, pw, b, tb, th)
+    # On one thread all the work runs on the calling thread (MKL and the kernel alike), so its
+    # CPU time is the cost without the noise of other processes sharing the cores; with more
+    # threads only wall time measures parallel efficiency.
+    clock = time.thread_time if threads == 1 else time.perf_counter
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return time_candidates(fns, clock=clock)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@dataclass
+class CalibrationTable:
+    """Timings per key (see :func:`table_key`), optionally backed by a JSON file.
+
+    A table built in memory (``path=None``) is never written: tests and users can inject one to
+    force choices. Entries measured at run time are added with :meth:`put`; :meth:`save` merges
+    them into the file (another process may have added entries meanwhile) and writes atomically.
+    """
+
+    entries: dict[str, dict[str, float]] = field(default_factory=dict)
+    path: Path | None = None
+    _dirty: set[str] = field(default_factory=set, repr=False)
+
+    @classmethod
+    def load(cls, path: Path) -> CalibrationTable:
+        """The table stored at ``path``; a missing or unreadable file gives an empty table (it is
+        only a cache, and is rebuilt by measuring)."""
+        return cls(_read_entries(path), Path(path))
+
+    @classmethod
+    def default(cls) -> CalibrationTable:
+        """The table of this machine's built kernel."""
+        from ticketlab.sparse.build import library_path
+
+        return cls.load(library_path().parent / "calibration.json")
+
+    def get(self, key: str) -> dict[str, float] | None:
+        return self.entries.get(key)
+
+    def put(self, key: str, timings: dict[str, float]) -> None:
+        self.entries[key] = dict(timings)
+        self._dirty.add(key)
+
+    def save(self) -> None:
+        if self.path is None or not self._dirty:
+            return
+        from ticketlab.store import atomic_write_json
+
+        merged = _read_entries(self.path)
+        merged.update({k: self.entries[k] for k in self._dirty})
+        atomic_write_json(self.path, {"format": TABLE_FORMAT, "version": TABLE_VERSION,
+                                      "entries": merged})
+        self.entries = {**merged, **self.entries}
+        self._dirty.clear()
+
+
+def _read_entries(path: Path) -> dict[str, dict[str, float]]:
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    if record.get("format") != TABLE_FORMAT or record.get("version") != TABLE_VERSION:
+        return {}
+    entries = record.get("entries")
+    if not isinstance(entries, dict):
+        return {}
+    good = {}
+    for key, timings in entries.items():
+        if isinstance(timings, dict) and DENSE in timings and all(
+                isinstance(v, (int, float)) for v in timings.values()):
+            good[key] = {name: float(v) for name, v in timings.items()}
+    return good
