@@ -135,9 +135,3 @@ def random_mask_like(mask: Mask, seed: int = 0, layerwise: bool = False) -> Mask
             out[n] = m
         return Mask(out)
     return prune(zeros, full, mask.sparsity, method="random", seed=seed)
-
-
-def levels_needed(target: float, rate: float, schedule: str) -> int:
-    """How many pruning levels (after level 0) reach ``target``."""
-    return len(sparsity_schedule(target, rate, schedule)) - 1
-

@@ -108,7 +108,7 @@ def get_accelerator(runtime: Runtime) -> Any:
     return _ACCELERATORS[key]
 
 
-def make_accelerator(runtime: Runtime, project_dir: Path | None = None) -> Any:
+def make_accelerator(runtime: Runtime) -> Any:
     from accelerate import Accelerator, DataLoaderConfiguration
 
     device = runtime.device
@@ -131,7 +131,7 @@ def make_accelerator(runtime: Runtime, project_dir: Path | None = None) -> Any:
         mixed_precision=runtime.precision,
         dataloader_config=DataLoaderConfiguration(split_batches=True),
         log_with=log_with,
-        project_dir=str(project_dir or runtime.log_dir or ".") if log_with else None,
+        project_dir=str(runtime.log_dir or ".") if log_with else None,
     )
 
 
