@@ -44,51 +44,33 @@ Run: ``python benchmarks/bench_masked_step.py [--quick]`` from anywhere.
 
 from __future__ import annotations
 
+# isort: off
+from _common import DEFAULT_DATA_DIR, resolve_sst2_dir  # first: sets the environment
+# isort: on
+
+import argparse
 import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+import torch
+from torch import nn
+from torch.nn.utils import prune as torch_prune
 
-import argparse  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+from ticketlab.hparams import TrainHparams
+from ticketlab.masks import Mask
+from ticketlab.models import load_model, load_tokenizer, prunable_parameters
+from ticketlab.pruning import prune
+from ticketlab.tasks import DataSource, get_task
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.nn.utils import prune as torch_prune  # noqa: E402
-
-from ticketlab.hparams import TrainHparams  # noqa: E402
-from ticketlab.masks import Mask  # noqa: E402
-from ticketlab.models import load_model, load_tokenizer, prunable_parameters  # noqa: E402
-from ticketlab.pruning import prune  # noqa: E402
-from ticketlab.tasks import DataSource, get_task  # noqa: E402
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "glue"
 VARIANTS = ("dense", "ticketlab", "prune-hooks")
 LR = 2e-5
 MAX_GRAD_NORM = 1.0
 
-
-def resolve_sst2_dir(data_dir: Path) -> Path:
-    """The folder holding SST-2's train.tsv: a GLUE root, the SST-2 folder, or the file itself."""
-    data_dir = data_dir.expanduser().resolve()
-    if data_dir.is_file():
-        data_dir = data_dir.parent
-    for candidate in (data_dir / "SST-2", data_dir):
-        if (candidate / "train.tsv").is_file():
-            return candidate
-    sys.exit(
-        f"error: SST-2 training data not found: neither {data_dir / 'SST-2' / 'train.tsv'} nor "
-        f"{data_dir / 'train.tsv'} exists.\nPass --data-dir pointing at the GLUE root (the folder "
-        "containing SST-2/train.tsv) or at the SST-2 folder itself."
-    )
 
 
 def make_batch(data_dir: Path, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:

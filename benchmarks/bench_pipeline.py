@@ -33,47 +33,29 @@ Run: ``python benchmarks/bench_pipeline.py [--quick]`` from anywhere.
 
 from __future__ import annotations
 
+# isort: off
+from _common import DEFAULT_DATA_DIR, resolve_sst2_dir  # first: sets the environment
+# isort: on
+
+import argparse
+import copy
 import os
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+import torch
+from transformers import default_data_collator
 
-import argparse  # noqa: E402
-import copy  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+from ticketlab.hparams import TrainHparams
+from ticketlab.models import load_model, load_tokenizer, prunable_parameters
+from ticketlab.tasks import DataSource, get_task
+from ticketlab.train import Runtime, TrainResult, train
 
-import torch  # noqa: E402
-from transformers import default_data_collator  # noqa: E402
-
-from ticketlab.hparams import TrainHparams  # noqa: E402
-from ticketlab.models import load_model, load_tokenizer, prunable_parameters  # noqa: E402
-from ticketlab.tasks import DataSource, get_task  # noqa: E402
-from ticketlab.train import Runtime, TrainResult, train  # noqa: E402
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "glue"
 MAX_LENGTH = 128
 
-
-def resolve_sst2_dir(data_dir: Path) -> Path:
-    """The folder holding SST-2's train.tsv: a GLUE root, the SST-2 folder, or the file itself."""
-    data_dir = data_dir.expanduser().resolve()
-    if data_dir.is_file():
-        data_dir = data_dir.parent
-    for candidate in (data_dir / "SST-2", data_dir):
-        if (candidate / "train.tsv").is_file():
-            return candidate
-    sys.exit(
-        f"error: SST-2 training data not found: neither {data_dir / 'SST-2' / 'train.tsv'} nor "
-        f"{data_dir / 'train.tsv'} exists.\nPass --data-dir pointing at the GLUE root (the folder "
-        "containing SST-2/train.tsv) or at the SST-2 folder itself."
-    )
 
 
 class RecordingCollator:

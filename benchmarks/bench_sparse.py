@@ -35,29 +35,28 @@ Run: ``python benchmarks/bench_sparse.py [--quick]`` (full: about 15 minutes on 
 
 from __future__ import annotations
 
+# isort: off
+import _common  # noqa: F401  # first: sets the environment
+# isort: on
+
+import argparse
+import copy
+import json
 import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+import torch
+from torch import nn
 
-import argparse  # noqa: E402
-import copy  # noqa: E402
-import json  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from ticketlab.export import TICKET_FILE, export_model, ticket_sizes  # noqa: E402
-from ticketlab.masks import Mask  # noqa: E402
-from ticketlab.models import load_model, prunable_parameters  # noqa: E402
-from ticketlab.pruning import prune  # noqa: E402
-from ticketlab.sparse import accelerate_ticket, sparse_layers  # noqa: E402
+from ticketlab.export import TICKET_FILE, export_model, ticket_sizes
+from ticketlab.masks import Mask
+from ticketlab.models import load_model, prunable_parameters
+from ticketlab.pruning import prune
+from ticketlab.sparse import accelerate_ticket, sparse_layers
 
 SEQ_LEN = 128
 
