@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ticketlab.errors import TicketlabError
+
 if TYPE_CHECKING:
     from ticketlab.hparams import DataHparams
 
@@ -64,6 +66,22 @@ class Task(ABC):
         ``block_size``.
         """
 
+    #: The data options this task accepts (``--train-file``, CSV column names...); any other
+    #: key in ``DataSource.options`` is refused by :meth:`check_options`.
+    options: tuple[str, ...] = ()
+
+    def check_options(self, source: DataSource) -> None:
+        """Refuse an option this task does not take: it is a typo or meant for another task,
+        and silently ignoring it would train on data the user did not mean."""
+        unknown = sorted(set(source.options) - set(self.options))
+        if unknown:
+            raise TicketlabError(f"task {self.name}: unknown option(s) {', '.join(unknown)}",
+                                 f"task {self.name} takes only: {', '.join(self.options)}")
+
+    def file_option(self, split: str) -> str:
+        """The option that names ``split``'s file explicitly: train_file or eval_file."""
+        return "train_file" if split == self.train_split else "eval_file"
+
     @abstractmethod
     def load(self, source: DataSource, split: str) -> list[dict[str, Any]]:
         """Read raw examples of ``split``. Raise TicketlabError on missing/empty/malformed data."""
@@ -93,6 +111,18 @@ class Task(ABC):
 
     #: Keys of the model output that evaluation gathers for :meth:`compute_metrics`.
     output_keys: tuple[str, ...] = ("logits",)
+
+
+def explicit_file(value: str, option: str, root: Path | None) -> Path:
+    """The file an option such as ``--train-file`` names: as given, or relative to the data
+    folder ``root`` when it does not exist as given."""
+    path = Path(value).expanduser()
+    if not path.is_absolute() and not path.exists() and root is not None and Path(root).is_dir():
+        path = Path(root) / path
+    if not path.is_file():
+        raise TicketlabError(f"{option} {value} does not exist",
+                             f"set --{option.replace('_', '-')} to an existing file")
+    return path
 
 
 def default_batch_outputs(

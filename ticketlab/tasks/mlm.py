@@ -41,7 +41,7 @@ import numpy as np
 
 from ticketlab.errors import TicketlabError
 from ticketlab.hparams import DataHparams, TrainHparams
-from ticketlab.tasks.base import DataSource, Task
+from ticketlab.tasks.base import DataSource, Task, explicit_file
 
 if TYPE_CHECKING:
     from torch import nn
@@ -102,6 +102,7 @@ class MlmTask(Task):
     """Masked language modelling on raw text, scored by masked-token accuracy."""
 
     name = "mlm"
+    options = OPTIONS
     head = "masked-lm"
     main_metric = "accuracy"
     eval_splits = {"dev": ""}
@@ -116,7 +117,7 @@ class MlmTask(Task):
         self.source = source
         self.block_size: int = self.paper_defaults["block_size"]
         if source is not None:
-            _check_options(source)
+            self.check_options(source)
 
     def configure(self, data: DataHparams) -> None:
         """Use the run's ``block_size`` (None keeps 128)."""
@@ -130,11 +131,10 @@ class MlmTask(Task):
         if split not in _SPLITS:
             raise TicketlabError(f"task mlm has no split {split!r}",
                                  f"use one of: {', '.join(_SPLITS)}")
-        _check_options(source)
-        option = "train_file" if split == self.train_split else "eval_file"
-        explicit = source.options.get(option)
-        if explicit:
-            lines = read_lines(_explicit_file(explicit, option, source.path))
+        self.check_options(source)
+        option = self.file_option(split)
+        if source.options.get(option):
+            lines = read_lines(explicit_file(source.options[option], option, source.path))
         elif source.path is None:
             lines = _load_hub(split)
         elif Path(source.path).is_file():
@@ -299,23 +299,6 @@ def fixed_masking(
         random_replace_prob=RANDOM_REPLACE_PROB, seed=EVAL_MASK_SEED)
     batch = collator([{"input_ids": b} for b in blocks])
     return batch["input_ids"].tolist(), batch["labels"].tolist()
-
-
-def _check_options(source: DataSource) -> None:
-    unknown = sorted(set(source.options) - set(OPTIONS))
-    if unknown:
-        raise TicketlabError(f"task mlm: unknown option(s) {', '.join(unknown)}",
-                             f"task mlm takes only: {', '.join(OPTIONS)}")
-
-
-def _explicit_file(value: str, option: str, root: Path | None) -> Path:
-    path = Path(value).expanduser()
-    if not path.is_absolute() and not path.exists() and root is not None and root.is_dir():
-        path = root / path  # relative to the data folder as a fallback
-    if not path.is_file():
-        raise TicketlabError(f"{option} {value} does not exist",
-                             f"set --{option.replace('_', '-')} to an existing text file")
-    return path
 
 
 def _load_hub(split: str) -> list[str]:

@@ -35,7 +35,7 @@ import numpy as np
 
 from ticketlab.errors import TicketlabError
 from ticketlab.hparams import DataHparams
-from ticketlab.tasks.base import DataSource, Task
+from ticketlab.tasks.base import DataSource, Task, explicit_file
 from ticketlab.tasks.squad_metrics import squad_v1_scores
 
 #: The hub dataset used when no local folder is given.
@@ -77,6 +77,7 @@ class SquadTask(Task):
     """SQuAD v1.1: find the answer span of a question in a Wikipedia paragraph."""
 
     name = "squad"
+    options = OPTIONS
     head = "question-answering"
     main_metric = "f1"
     eval_splits = {"dev": ""}
@@ -88,7 +89,7 @@ class SquadTask(Task):
         self.source = source
         self.doc_stride: int = self.paper_defaults["doc_stride"]
         if source is not None:
-            self._check_options(source)  # fail early on an option meant for another task
+            self.check_options(source)  # fail early on an option meant for another task
 
     def configure(self, data: DataHparams) -> None:
         """Use the run's ``doc_stride`` (None keeps the paper's 128)."""
@@ -102,31 +103,16 @@ class SquadTask(Task):
         if split not in _SPLITS:
             raise TicketlabError(f"task squad has no split {split!r}",
                                  f"use one of: {', '.join(_SPLITS)}")
-        self._check_options(source)
-        option = "train_file" if split == self.train_split else "eval_file"
-        if source.path is None and not source.options.get(option):
+        self.check_options(source)
+        if source.path is None and not source.options.get(self.file_option(split)):
             return self._load_hub(split)
         return read_squad_file(self.find_file(source, split))
 
-    @staticmethod
-    def _check_options(source: DataSource) -> None:
-        unknown = sorted(set(source.options) - set(OPTIONS))
-        if unknown:
-            raise TicketlabError(f"task squad: unknown option(s) {', '.join(unknown)}",
-                                 f"task squad takes only: {', '.join(OPTIONS)}")
-
     def find_file(self, source: DataSource, split: str) -> Path:
         """The JSON file of ``split``: an explicit option, else a known name in the folder."""
-        option = "train_file" if split == self.train_split else "eval_file"
-        explicit = source.options.get(option)
-        if explicit:
-            path = Path(explicit).expanduser()
-            if not path.is_absolute() and not path.exists() and source.path is not None:
-                path = Path(source.path) / path  # relative to the data folder as a fallback
-            if not path.is_file():
-                raise TicketlabError(f"{option} {explicit} does not exist",
-                                     f"set --{option.replace('_', '-')} to an existing file")
-            return path
+        option = self.file_option(split)
+        if source.options.get(option):
+            return explicit_file(source.options[option], option, source.path)
         assert source.path is not None
         root = Path(source.path)
         if not root.is_dir():

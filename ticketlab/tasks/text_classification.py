@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ticketlab.errors import TicketlabError
-from ticketlab.tasks.base import DataSource
+from ticketlab.tasks.base import DataSource, explicit_file
 from ticketlab.tasks.classification import SequenceClassificationTask
 
 #: Option keys understood in ``DataSource.options`` (all values are strings).
@@ -75,6 +75,7 @@ class TextClassificationTask(SequenceClassificationTask):
 
     main_metric = "accuracy"
     metrics = ("accuracy", "macro_f1")
+    options = OPTIONS
 
     def __init__(self, name: str = "csv", source: DataSource | None = None) -> None:
         """``source`` lets :attr:`label_names` load the train labels before ``load`` is called."""
@@ -167,12 +168,7 @@ class TextClassificationTask(SequenceClassificationTask):
 
     def _options(self, source: DataSource) -> dict[str, str]:
         """Options with defaults filled in; an unknown key is an error (likely a typo)."""
-        unknown = sorted(set(source.options) - set(OPTIONS))
-        if unknown:
-            raise TicketlabError(
-                f"task {self.name}: unknown option(s) {', '.join(unknown)}",
-                f"use only: {', '.join(OPTIONS)}",
-            )
+        self.check_options(source)
         opts = {"text_column": "text", "text_pair_column": "", "label_column": "label"}
         opts.update(source.options)
         return opts
@@ -191,17 +187,9 @@ class TextClassificationTask(SequenceClassificationTask):
 
     def find_file(self, source: DataSource, split: str) -> Path:
         """The file for ``split``: an explicit option, else ``<stem>.<ext>`` in the folder."""
-        option = "train_file" if split == self.train_split else "eval_file"
-        explicit = source.options.get(option)
-        if explicit:
-            path = Path(explicit)
-            if not path.is_absolute() and not path.exists() and source.path is not None:
-                path = Path(source.path) / path  # relative to the data folder as a fallback
-            if not path.is_file():
-                raise TicketlabError(
-                    f"{option} {explicit} does not exist", f"set {option} to an existing file"
-                )
-            return path
+        option = self.file_option(split)
+        if source.options.get(option):
+            return explicit_file(source.options[option], option, source.path)
         if source.path is None:
             raise TicketlabError(
                 f"task {self.name} needs data: no data folder and no {option} given",
