@@ -45,15 +45,19 @@ def test_the_small_preset_is_a_valid_spec_with_a_budget(glue_dir, tmp_path) -> N
     spec = preset("small", glue_dir, tmp_path / "report")
     assert spec.tasks == ["sst2", "cola", "mrpc", "stsb", "wnli", "qnli"]
     assert spec.hparams["prune_pooler"] is False and spec.seeds == [0, 1, 2]
+    assert "pooler" in spec.description  # the report says why
     qnli = spec.hparams_for("qnli", 0)
     assert qnli.data.data_dir == str((tmp_path / "report" / "data").resolve())
-    assert train_size(qnli) == 5463 - 1000
+    assert train_size(qnli) == 2000  # of the 5,463 - 1,000 rows not held out
     assert Spec.from_dict(sweep.tomllib.loads(to_toml(spec.to_dict()))).to_dict() == spec.to_dict()
     sizes = {t: train_size(spec.hparams_for(t, 0)) for t in spec.tasks}
-    assert sizes["sst2"] == 4000 and sizes["mrpc"] == 3668 and sizes["wnli"] == 635
+    assert sizes["sst2"] == 2000 and sizes["mrpc"] == 2000 and sizes["wnli"] == 635
     work = budget(spec, sizes)
-    assert work.trainings["imp"] == 6 * 3 * 5  # tasks × seeds × levels 0-80 % by 20 %
-    assert work.steps["imp"] == 3 * 5 * sum(2 * -(-n // 32) for n in sizes.values())
+    assert work.trainings["imp"] == 6 * 3 * 4  # tasks × seeds × levels 0-75 % by 25 %
+    assert work.steps["imp"] == 3 * 4 * sum(2 * -(-n // 32) for n in sizes.values())
+    assert spec.baseline_seeds == [0]
+    # 4 kinds × 1 seed; standard trains the full model and then the pruned one
+    assert work.trainings["baselines"] == 6 * (3 + 2)
     assert set(work.trainings) == {"imp", "rewinding", "baselines", "transfer"}
     paper = preset("paper", None, tmp_path / "paper")
     assert paper.hparams["lr"] == 2e-5 and paper.seeds == [0, 1, 2, 3, 4]
@@ -66,6 +70,7 @@ def test_the_small_preset_is_a_valid_spec_with_a_budget(glue_dir, tmp_path) -> N
 def tiny_spec(model: Path, glue: Path) -> Spec:
     return Spec.from_dict({
         "name": "tiny",
+        "description": "Tiny on purpose:\n\n- **two** tasks\n- one `seed`",
         "hparams": {"model": str(model), "data_dir": str(glue), "max_train_samples": 64,
                     "max_eval_samples": 32, "max_length": 32, "lr": 1e-3, "batch_size": 16,
                     "epochs": 1, "weight_decay": 0.01, "target_sparsity": 0.1},
@@ -81,6 +86,7 @@ def test_reproduce_writes_the_report_and_resumes(tiny_bert_dir, glue_dir, tmp_pa
     out = tmp_path / "report"
     index = reproduce(spec, out, runtime=QUIET, console=Console(quiet=True))
     readme = (out / "README.md").read_text()
+    assert "## Why these settings\n\nTiny on purpose:" in readme
     for heading in ("## Table 2", "## Figure 2: transfer at 10% sparsity",
                     "## Sparsity–score curves", "## Rewinding", "## Masks", "## Time per part",
                     "## Settings"):
@@ -88,6 +94,7 @@ def test_reproduce_writes_the_report_and_resumes(tiny_bert_dir, glue_dir, tmp_pa
     assert "| Full model |" in readme and "| Random pruning |" in readme
     html = index.read_text()
     assert html.startswith("<!doctype html>") and "<img src='transfer.png'" in html
+    assert "<ul><li><strong>two</strong> tasks</li><li>one <code>seed</code></li></ul>" in html
     for name in ("transfer.png", "curves_sst2.png", "curves_cola.png", "mask_overlap.png",
                  "mask_sparsity.png", "rewinding_sst2/rewinding.png", "table2.tex",
                  "spec.toml", "timings.json"):

@@ -54,8 +54,14 @@ def test_a_spec_is_validated_before_anything_runs(tiny_bert_dir, glue_dir, tmp_p
     assert len(spec.cells("imp")) == 4 and len(spec.cells("baselines")) == 4
     assert len(spec.cells("transfer")) == 2 * 4  # targets × (full, sst2, cola, one-shot)
     assert Spec.from_dict(spec.to_dict()).to_dict() == spec.to_dict()
+    fewer = Spec.load(write_spec(tmp_path, tiny_bert_dir, glue_dir,
+                                 'tasks = ["sst2"]\nseeds = 3\nbaselines = ["random"]\n'
+                                 "baseline_seeds = 1"))
+    assert [c.seed for c in fewer.cells("baselines")] == [0]
+    assert [c.seed for c in fewer.cells("imp")] == [0, 1, 2]
 
     bad = {
+        'tasks = ["sst2"]\nseeds = 2\nbaseline_seeds = [5]': "not all among the IMP seeds",
         'tasks = ["sst2"]\nseed = 2': "Unknown key(s) 'seed' in [grid]",
         'tasks = ["sst3"]': "unknown task 'sst3'",
         'tasks = ["sst2"]\nbaselines = ["randm"]': "Unknown baseline 'randm'",

@@ -375,9 +375,10 @@ def reproduce(
     backend: str = typer.Option("inprocess", help="inprocess or ray."),
     ray_address: str | None = typer.Option(None, help="Ray cluster address."),
     estimate: bool = typer.Option(False, help="Only print the work each part needs."),
-    seconds_per_step: float = typer.Option(0.7, help="For --estimate: seconds per SST-2 "
-                                           "training step (MiniLM-L6, batch 32: 0.7 measured "
-                                           "on 2 CPU cores)."),
+    seconds_per_step: float = typer.Option(0.33, help="For --estimate: seconds per SST-2 "
+                                           "training step (MiniLM-L6, batch 32: 0.33 measured "
+                                           "on 2 idle CPU cores, one process; two one-thread "
+                                           "Ray workers: 0.23 s a step combined)."),
     device: str = _DEVICE,
     precision: str = _PRECISION,
     progress: bool = _PROGRESS,

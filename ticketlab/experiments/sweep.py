@@ -4,6 +4,7 @@ A spec is a TOML file::
 
     name = "sst2-cola"
     root = "runs"                       # run store, relative to this file (or --root)
+    description = "Why these settings"  # optional: shown at the top of the reproduce report
 
     [hparams]                           # any RunHparams field by name, for every task
     model = "minilm"
@@ -20,6 +21,7 @@ A spec is a TOML file::
     tasks = ["sst2", "cola"]
     seeds = 3                           # 3 seeds from hparams' seed, or a list [0, 1, 2]
     baselines = ["random", "random-reinit"]
+    baseline_seeds = 1                  # optional: fewer seeds for baselines (default: seeds)
     baseline_levels = ["matching"]      # IMP levels, or "matching": the highest matching one
 
     [rewinding]                         # optional
@@ -169,10 +171,15 @@ class Spec:
     tasks: list[str]
     seeds: list[int]
     baselines: list[str] = field(default_factory=list)
+    #: Seeds of the baseline branches: the first ``len`` of ``seeds`` (default: all of them).
+    #: Fewer than the IMP seeds is a budget choice; the matching rule still uses every IMP seed.
+    baseline_seeds: list[int] = field(default_factory=list)
     baseline_levels: list[int | str] = field(default_factory=lambda: ["matching"])
     rewinding: dict[str, Any] | None = None
     transfer: dict[str, Any] | None = None
     root: str | None = None
+    #: Free text (Markdown) on why the spec is what it is; ``reproduce`` prints it in its report.
+    description: str = ""
 
     # --- loading --------------------------------------------------------------------------
     @classmethod
@@ -194,8 +201,8 @@ class Spec:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], base: Path | None = None) -> Spec:
-        _check_keys(raw, ["name", "root", "hparams", "task_hparams", "grid", "rewinding",
-                          "transfer"], "the spec")
+        _check_keys(raw, ["name", "root", "description", "hparams", "task_hparams", "grid",
+                          "rewinding", "transfer"], "the spec")
         for key in ("hparams", "grid"):
             if not isinstance(raw.get(key), dict):
                 raise TicketlabError(f"The spec has no [{key}] table.",
@@ -204,7 +211,8 @@ class Spec:
         task_hparams = {t: _resolve_paths(dict(v), base, f"[task_hparams.{t}]")
                         for t, v in dict(raw.get("task_hparams", {})).items()}
         grid = raw["grid"]
-        _check_keys(grid, ["tasks", "seeds", "baselines", "baseline_levels"], "[grid]")
+        _check_keys(grid, ["tasks", "seeds", "baselines", "baseline_seeds", "baseline_levels"],
+                    "[grid]")
         first = int(hparams.get("seed", 0))
         levels = grid.get("baseline_levels", ["matching"])
         if not isinstance(levels, list) or not all(
@@ -215,12 +223,21 @@ class Spec:
         root = raw.get("root")
         if root is not None and base is not None and not Path(root).is_absolute():
             root = str(base / root)
+        seeds = _seeds(grid.get("seeds", 1), first, "[grid] seeds")
+        baseline_seeds = _seeds(grid.get("baseline_seeds", seeds), first,
+                                "[grid] baseline_seeds")
+        if not set(baseline_seeds) <= set(seeds):
+            raise TicketlabError(
+                f"[grid] baseline_seeds {baseline_seeds} are not all among the IMP seeds "
+                f"{seeds}: a baseline is compared with the IMP runs of its own seeds.",
+                f"Use a count up to {len(seeds)} or a subset of {seeds}.")
         spec = cls(
             name=str(raw.get("name", "sweep")), hparams=hparams, task_hparams=task_hparams,
             tasks=_string_list(grid.get("tasks", []), "[grid] tasks"),
-            seeds=_seeds(grid.get("seeds", 1), first, "[grid] seeds"),
+            seeds=seeds, baseline_seeds=baseline_seeds,
             baselines=_string_list(grid.get("baselines", []), "[grid] baselines"),
             baseline_levels=list(levels), root=root,
+            description=str(raw.get("description", "")),
             rewinding=_section(raw, "rewinding", ["tasks", "fractions", "seeds", "sparsity"]),
             transfer=_section(raw, "transfer", ["sources", "targets", "sparsity", "seeds",
                                                 "one_shot"]),
@@ -234,9 +251,12 @@ class Spec:
                                "task_hparams": self.task_hparams,
                                "grid": {"tasks": self.tasks, "seeds": self.seeds,
                                         "baselines": self.baselines,
+                                        "baseline_seeds": self.baseline_seeds or self.seeds,
                                         "baseline_levels": self.baseline_levels}}
         if self.root is not None:
             out["root"] = self.root
+        if self.description:
+            out["description"] = self.description
         if self.rewinding is not None:
             out["rewinding"] = self.rewinding
         if self.transfer is not None:
@@ -324,7 +344,8 @@ class Spec:
                     for f in rw["fractions"] for s in rw["seeds"]]
         if part == "baselines":
             return [Cell("baselines", t, s, baseline=k, level=lvl) for t in self.tasks
-                    for k in self.baselines for lvl in self.baseline_levels for s in self.seeds]
+                    for k in self.baselines for lvl in self.baseline_levels
+                    for s in self.baseline_seeds or self.seeds]
         if part == "transfer":
             tr = self.transfer
             if tr is None:
