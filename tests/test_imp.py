@@ -244,3 +244,30 @@ def test_imp_runs_on_other_bert_families(family, tmp_path, minilm_tokenizer, tin
     assert run.levels() == [0, 1]
     assert run.metrics(1)["sparsity"] == pytest.approx(0.1, abs=1e-4)
     assert "pooler" not in run.metrics(1)["sparsity_by_kind"]
+
+
+def test_sample_seed_draws_a_random_subset_in_file_order() -> None:
+    from ticketlab.experiment import train_subset
+
+    rows = [{"idx": i} for i in range(100)]
+    assert train_subset(rows, DataHparams(max_train_samples=10)) == rows[:10]
+    assert train_subset(rows, DataHparams()) == rows
+    drawn = train_subset(rows, DataHparams(max_train_samples=10, sample_seed=0))
+    ids = [r["idx"] for r in drawn]
+    assert len(set(ids)) == 10 and ids == sorted(ids) and ids != list(range(10))
+    assert drawn == train_subset(rows, DataHparams(max_train_samples=10, sample_seed=0))
+    assert drawn != train_subset(rows, DataHparams(max_train_samples=10, sample_seed=1))
+    assert train_subset(rows, DataHparams(max_train_samples=500, sample_seed=0)) == rows
+    with pytest.raises(TicketlabError, match="no --max-train-samples"):
+        DataHparams(sample_seed=0)
+
+
+def test_a_new_unset_field_keeps_old_run_names(tiny_hparams) -> None:
+    import dataclasses
+
+    hp = tiny_hparams()
+    assert "sample_seed" not in hp.identity()["data"]
+    seeded = dataclasses.replace(hp, data=dataclasses.replace(hp.data, max_train_samples=8,
+                                                              sample_seed=0))
+    plain = dataclasses.replace(hp, data=dataclasses.replace(hp.data, max_train_samples=8))
+    assert seeded.run_id() != plain.run_id()

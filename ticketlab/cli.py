@@ -43,6 +43,10 @@ RUN_OPTIONS: dict[str, tuple[Any, Any]] = {
                                               rich_help_panel=_D)),
     "max_train_samples": (int | None, typer.Option(None, help="Use only the first N training "
                                                       "examples.", rich_help_panel=_D)),
+    "sample_seed": (int | None, typer.Option(None, help="With --max-train-samples: draw the N "
+                                                "examples at random with this seed instead of "
+                                                "the first N (for files ordered by source).",
+                                                rich_help_panel=_D)),
     "max_eval_samples": (int | None, typer.Option(None, help="Use only the first N examples "
                                                      "of each eval split.", rich_help_panel=_D)),
     "max_length": (int | None, typer.Option(None, help="Max tokens per example (default: the "
@@ -170,7 +174,8 @@ def _build(opts: dict[str, Any], task: str, prune: bool) -> tuple[RunHparams, An
                          max_train_samples=opts["max_train_samples"],
                          max_eval_samples=opts["max_eval_samples"], max_length=opts["max_length"],
                          options=tuple(sorted(task_options.items())),
-                         doc_stride=opts["doc_stride"], block_size=opts["block_size"]),
+                         doc_stride=opts["doc_stride"], block_size=opts["block_size"],
+                         sample_seed=opts["sample_seed"]),
         train=TrainHparams(lr=opts["lr"], batch_size=opts["batch_size"], epochs=opts["epochs"],
                            max_steps=opts["max_steps"], warmup_ratio=opts["warmup_ratio"],
                            weight_decay=opts["weight_decay"], max_grad_norm=opts["max_grad_norm"],

@@ -6,6 +6,7 @@ or an empty split fails before a run directory exists (nothing half-written is l
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from ticketlab.errors import TicketlabError
-from ticketlab.hparams import RunHparams
+from ticketlab.hparams import DataHparams, RunHparams
 from ticketlab.models import fingerprint, load_model, load_tokenizer, prunable_parameters
 from ticketlab.tasks import get_task
 from ticketlab.tasks.base import DataSource, Task
@@ -55,6 +56,18 @@ def data_source(hp: RunHparams) -> DataSource:
     return DataSource(path=path, options=dict(hp.data.options))
 
 
+def train_subset(examples: list[dict[str, Any]], data: DataHparams) -> list[dict[str, Any]]:
+    """The training examples a run uses: all, the first ``max_train_samples``, or — with
+    ``sample_seed`` — that many drawn at random (kept in file order)."""
+    n = data.max_train_samples
+    if not n or n >= len(examples):
+        return examples
+    if data.sample_seed is None:
+        return examples[:n]
+    keep = sorted(random.Random(data.sample_seed).sample(range(len(examples)), n))
+    return [examples[i] for i in keep]
+
+
 def prepare(hp: RunHparams, runtime: Runtime | None = None) -> Setup:
     """Load the task data and θ0 (seeded head), featurise, and find the prunable set.
 
@@ -68,9 +81,7 @@ def prepare(hp: RunHparams, runtime: Runtime | None = None) -> Setup:
         raise TicketlabError(
             f"--init-mlm-head trains a masked-language-model head, but task {hp.data.task} "
             f"uses a {task.head} head.", "Leave --init-mlm-head out (it is for --task mlm).")
-    train_examples = task.load(source, task.train_split)
-    if hp.data.max_train_samples:
-        train_examples = train_examples[: hp.data.max_train_samples]
+    train_examples = train_subset(task.load(source, task.train_split), hp.data)
     eval_examples = {}
     for split in task.eval_splits:
         examples = task.load(source, split)

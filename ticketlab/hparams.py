@@ -20,7 +20,8 @@ PRUNING_METHODS = ("global", "layerwise", "global-normalized", "random")
 SCHEDULES = ("original", "remaining")
 
 #: Section -> fields that :meth:`RunHparams.identity` hashes only when set (see there).
-_ADDED_LATER = {"model": ("init_mlm_head_steps",), "data": ("doc_stride", "block_size")}
+_ADDED_LATER = {"model": ("init_mlm_head_steps",),
+                "data": ("doc_stride", "block_size", "sample_seed")}
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,10 @@ class DataHparams:
     doc_stride: int | None = None
     #: MLM: tokens per training/evaluation block (None = the task's 128; the paper's code 512).
     block_size: int | None = None
+    #: With ``max_train_samples``: draw the N training examples at random with this seed
+    #: instead of taking the first N (transformers' run_glue.py convention). Files ordered by
+    #: source need it: the first 2,000 rows of STS-B's train.tsv are all image captions.
+    sample_seed: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_train_samples", "max_eval_samples"):
@@ -66,6 +71,11 @@ class DataHparams:
                     f"{flag} is {value}, but a run needs at least one example.",
                     f"Pass a positive {flag}, or leave it out to use the whole split.",
                 )
+        if self.sample_seed is not None and self.max_train_samples is None:
+            raise TicketlabError(
+                "--sample-seed picks which --max-train-samples examples to use, but no "
+                "--max-train-samples was given.",
+                "Add --max-train-samples N, or leave --sample-seed out to use the whole split.")
         if self.max_length < 8:
             raise TicketlabError(
                 f"--max-length {self.max_length} is too short for any task.",
