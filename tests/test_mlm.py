@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,7 +20,13 @@ from ticketlab.models import load_model
 from ticketlab.store import list_runs
 from ticketlab.tasks import get_task
 from ticketlab.tasks.base import DataSource
-from ticketlab.tasks.mlm import MlmCollator, MlmTask, fixed_masking, make_blocks
+from ticketlab.tasks.mlm import (
+    MlmCollator,
+    MlmTask,
+    fixed_masking,
+    make_blocks,
+    masked_positions_forward,
+)
 
 TEXT = ["The European lobster is a species of clawed lobster .",
         "It is closely related to the American lobster , H. americanus .",
@@ -114,15 +121,47 @@ def test_blocks_follow_the_paper_code(minilm_tokenizer) -> None:
 def test_metrics_by_hand() -> None:
     task = MlmTask()
     # Vocabulary of 4, all logits 0: every masked token costs ln 4 and the prediction is id 0.
-    logits = torch.zeros(2, 3, 4)
+    # One row of logits per masked token (masked_positions_forward), three masked tokens.
+    logits = torch.zeros(3, 4)
     labels = torch.tensor([[0, -100, 3], [-100, -100, 0]])
-    reduced = task.batch_outputs({"logits": logits}, {"labels": labels})
+    reduced = task.batch_outputs(SimpleNamespace(logits=logits), {"labels": labels})
     assert reduced["masked"].tolist() == [2, 1] and reduced["correct"].tolist() == [1, 1]
     assert np.allclose(reduced["loss_sum"], [2 * math.log(4), math.log(4)])
     metrics = task.compute_metrics(reduced, {}, [])
     assert math.isclose(metrics["accuracy"], 2 / 3)
     assert math.isclose(metrics["loss"], math.log(4), rel_tol=1e-6)
     assert math.isclose(metrics["perplexity"], 4.0, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("architecture", ["bert", "roberta"])
+def test_masked_positions_forward_equals_the_full_forward(architecture: str) -> None:
+    """Scores only at masked positions: same loss, same gradients, same scores there."""
+    from transformers import AutoConfig, AutoModelForMaskedLM
+
+    config = AutoConfig.for_model(architecture, vocab_size=50, hidden_size=16,
+                                  num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=40)
+    torch.manual_seed(0)
+    model = AutoModelForMaskedLM.from_config(config).eval()
+    ids = torch.randint(5, 50, (3, 12))
+    labels = torch.full_like(ids, -100)
+    labels[0, 2], labels[0, 7], labels[2, 11], labels[1, 0] = 9, 17, 4, 33
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+    full = model(**batch)
+    full.loss.backward()
+    full_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    fast = masked_positions_forward(model, batch)
+    fast.loss.backward()
+    assert fast.logits.shape == (4, 50)
+    assert torch.allclose(fast.logits, full.logits[labels != -100], atol=1e-5)
+    assert torch.allclose(fast.loss, full.loss, atol=1e-6)
+    for name, grad in full_grads.items():
+        assert torch.allclose(model.get_parameter(name).grad, grad, atol=1e-6), name
+    assert not model.get_output_embeddings()._forward_pre_hooks  # the hook is removed
+    out = model(**{k: v for k, v in batch.items() if k != "labels"})
+    assert out.logits.shape == (3, 12, 50)  # and the model is unchanged afterwards
 
 
 def test_data_sources(tmp_path: Path, minilm_tokenizer) -> None:

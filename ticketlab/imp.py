@@ -208,7 +208,8 @@ def _imp_levels(setup: Setup, run: Run, schedule: list[float], runtime: Runtime,
         on_step = snapshot if level == 0 and hp.prune.rewind_step > 0 else None
         result = train(model, setup.prunable, mask, setup.train_features, setup.collator,
                        hp.train, runtime, seed=hp.train.seed, on_step=on_step,
-                       description=f"level {level} train", tracker_name=f"level_{level}")
+                       description=f"level {level} train", tracker_name=f"level_{level}",
+                       forward=setup.task.forward)
         t0 = time.perf_counter()
         metrics = evaluate(model, setup.task, setup.eval_sets, setup.collator,
                            hp.train.eval_batch_size, runtime)
@@ -283,7 +284,8 @@ def finetune(
         setup.model.load_state_dict(setup.theta0)
         mask.apply_(setup.prunable)
         result = train(setup.model, setup.prunable, mask, setup.train_features, setup.collator,
-                       hp.train, runtime, seed=hp.train.seed, description="finetune")
+                       hp.train, runtime, seed=hp.train.seed, description="finetune",
+                       forward=setup.task.forward)
         t0 = time.perf_counter()
         metrics = evaluate(setup.model, setup.task, setup.eval_sets, setup.collator,
                            hp.train.eval_batch_size, runtime)

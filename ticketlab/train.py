@@ -180,12 +180,14 @@ def train(
     on_step: Callable[[int, nn.Module], None] | None = None,
     description: str = "train",
     tracker_name: str | None = None,
+    forward: Callable[[nn.Module, dict[str, Any]], Any] | None = None,
 ) -> TrainResult:
     """Fine-tune ``model`` with the pruned weights of ``mask`` held at exactly zero.
 
     A fresh AdamW and a fresh linear schedule every call (IMP's "retrain from the rewind point").
     ``on_step(step, model)`` runs after every optimizer step (1-based) — IMP uses it to snapshot
-    θ_i for rewinding.
+    θ_i for rewinding. ``forward(model, batch)`` is the task's forward pass (``Task.forward``;
+    default ``model(**batch)``); its output's ``.loss`` is minimised.
     """
     from transformers import get_linear_schedule_with_warmup
     from transformers.trainer_pt_utils import LengthGroupedSampler
@@ -240,7 +242,7 @@ def train(
         while step < total:
             for batch in loader:
                 batch = {k: v.to(device) for k, v in batch.items() if k in accepted}
-                loss = model(**batch).loss
+                loss = (forward(model, batch) if forward else model(**batch)).loss
                 value = loss.item()
                 if not math.isfinite(value):
                     raise TicketlabError(
@@ -321,7 +323,7 @@ def predict(
             idx = order[start:start + batch_size]
             batch = collator([dataset[i] for i in idx])
             batch = {k: v.to(device) for k, v in batch.items() if k in accepted}
-            out = model(**batch)
+            out = task.forward(model, batch)
             if getattr(out, "loss", None) is not None:
                 loss_sum += out.loss.item() * len(idx)
                 loss_count += len(idx)

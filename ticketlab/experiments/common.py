@@ -90,7 +90,8 @@ def train_subnetwork(
     mask.apply_(setup.prunable)
     hp = setup.hp
     result = train(setup.model, setup.prunable, mask, setup.train_features, setup.collator,
-                   hp.train, runtime, seed=hp.train.seed, description=description)
+                   hp.train, runtime, seed=hp.train.seed, description=description,
+                   forward=setup.task.forward)
     t0 = time.perf_counter()
     metrics = evaluate(setup.model, setup.task, setup.eval_sets, setup.collator,
                        hp.train.eval_batch_size, runtime)

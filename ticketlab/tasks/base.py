@@ -82,6 +82,14 @@ class Task(ABC):
         """The option that names ``split``'s file explicitly: train_file or eval_file."""
         return "train_file" if split == self.train_split else "eval_file"
 
+    def forward(self, model: Any, batch: dict[str, Any]) -> Any:
+        """One forward pass on a batch, for training (``.loss``) and evaluation alike.
+
+        The shared loop calls this rather than ``model(**batch)`` so that a task can change
+        what is computed without a loop of its own: MLM scores only the masked positions.
+        """
+        return model(**batch)
+
     @abstractmethod
     def load(self, source: DataSource, split: str) -> list[dict[str, Any]]:
         """Read raw examples of ``split``. Raise TicketlabError on missing/empty/malformed data."""
