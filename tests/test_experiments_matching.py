@@ -67,7 +67,8 @@ def columns() -> list[Table2Column]:
     return [
         Table2Column("sst2", "accuracy", [0, 1, 2], Stats(0.85, 0.01, 3), level, None, 3,
                      {"random": Stats(0.6, 0.02, 3), "random-reinit": Stats(0.55, 0.0, 1)}),
-        Table2Column("cola", "matthews_correlation", [0], Stats(0.4, 0.0, 1), None, None, 1, {}),
+        Table2Column("cola", "matthews_correlation", [0], Stats(0.4, 0.0, 1), None, None, 1, {},
+                     chance=0.0),
     ]
 
 
@@ -83,6 +84,12 @@ def test_table2_renders_markdown_csv_and_latex() -> None:
     assert rows["Random pruning"] == ["60.0 ± 2.0", "–"]
     assert rows["Random reinit (θ0')"] == ["55.0", "–"]
     assert "No pruned level matches the full model for CoLA" in md
+    assert rows["Majority class (chance)"] == ["–", "0.0"]
+    assert "trivially" not in md  # neither full model is at chance
+    at_chance = columns()[1]
+    at_chance.full = Stats(0.0, 0.0, 3)
+    md = table2_markdown([at_chance])
+    assert "0.0 ± 0.0 (at chance)" in md and "The full model of CoLA scores no better" in md
 
     records = list(csv.DictReader(io.StringIO(table2_csv(columns()))))
     entries = {(r["task"], r["entry"]): r for r in records}
@@ -93,6 +100,24 @@ def test_table2_renders_markdown_csv_and_latex() -> None:
     tex = table2_latex(columns())
     assert tex.startswith(r"\begin{tabular}{lcc}") and r"85.0 $\pm$ 1.0" in tex
     assert r"30\%" in tex and r"$\theta_0'$" in tex and tex.rstrip().endswith(r"\end{tabular}")
+
+
+def test_chance_score_is_the_majority_class_score(tiny_hparams, glue_dir) -> None:
+    import dataclasses
+
+    from ticketlab.experiments.common import chance_score
+    from ticketlab.tasks import DataSource, get_task
+
+    hp = tiny_hparams()  # SST-2: 64 train sentences, the first 32 dev sentences
+    train = get_task("sst2").load(DataSource(glue_dir), "train")[:64]
+    dev = get_task("sst2").load(DataSource(glue_dir), "dev")[:32]
+    majority = int(sum(ex["label"] for ex in train) * 2 > len(train))
+    assert chance_score(hp) == pytest.approx(
+        sum(ex["label"] == majority for ex in dev) / len(dev))
+    cola = dataclasses.replace(hp, data=dataclasses.replace(hp.data, task="cola"))
+    assert chance_score(cola) == 0.0  # MCC of a constant prediction
+    stsb = dataclasses.replace(hp, data=dataclasses.replace(hp.data, task="stsb"))
+    assert chance_score(stsb) is None  # regression: no majority class
 
 
 def test_matching_over_seeds_with_baselines_end_to_end(tiny_hparams, tmp_path) -> None:

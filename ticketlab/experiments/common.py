@@ -129,6 +129,42 @@ class Stats:
         return {"mean": self.mean, "std": self.std, "n": self.n}
 
 
+def chance_score(hp: RunHparams) -> float | None:
+    """The main metric of a model that learned nothing: always the training set's most frequent
+    label, scored on the first evaluation split. None where no constant prediction has a score
+    (regression, span extraction, MLM) or the data cannot be read.
+
+    Why: a full model stuck at this score (MiniLM-L6 on CoLA at a small budget: MCC 0) makes
+    every subnetwork "matching" trivially; Table 2 shows the row so a reader can tell.
+    """
+    from collections import Counter
+
+    import numpy as np
+
+    from ticketlab.experiment import data_source, train_subset
+    from ticketlab.tasks import get_task
+
+    try:
+        source = data_source(hp)
+        task = get_task(hp.data.task, source)
+        if task.head != "sequence-classification":
+            return None
+        train = train_subset(task.load(source, task.train_split), hp.data)
+        n_labels = task.num_labels(train)
+        if n_labels < 2:
+            return None
+        majority = Counter(ex["label"] for ex in train).most_common(1)[0][0]
+        split = next(iter(task.eval_splits))
+        examples = task.load(source, split)[: hp.data.max_eval_samples or None]
+        logits = np.zeros((len(examples), n_labels), dtype=np.float32)
+        logits[:, majority] = 1.0
+        metrics = task.compute_metrics({"logits": logits},
+                                       {"labels": [ex["label"] for ex in examples]}, examples)
+    except (TicketlabError, OSError, KeyError, ValueError):
+        return None
+    return float(metrics[task.main_metric])
+
+
 # --- groups of seeded runs --------------------------------------------------------------------
 def group_key(identity: dict[str, Any]) -> str:
     """Hash of a run's identity without its seed: the runs of one replicated experiment."""

@@ -25,7 +25,14 @@ from rich.console import Console
 from rich.table import Table
 
 from ticketlab.experiments.baselines import KIND_LABELS, branch_records, run_branch
-from ticketlab.experiments.common import SeedGroup, Stats, group_of, seed_groups, with_seed
+from ticketlab.experiments.common import (
+    SeedGroup,
+    Stats,
+    chance_score,
+    group_of,
+    seed_groups,
+    with_seed,
+)
 from ticketlab.hparams import RunHparams
 from ticketlab.imp import find_ticket
 from ticketlab.store import atomic_write_bytes, atomic_write_json
@@ -165,6 +172,12 @@ class Table2Column:
     strict: LevelSummary | None
     level: int  # where the baselines were looked up
     baselines: dict[str, Stats] = field(default_factory=dict)
+    chance: float | None = None  # the majority-class score (common.chance_score)
+
+    @property
+    def at_chance(self) -> bool:
+        """The full model is no better than predicting the majority class: matching is vacuous."""
+        return self.chance is not None and self.full.mean <= self.chance + 1e-9
 
 
 def table2_column(group: SeedGroup) -> Table2Column | None:
@@ -177,8 +190,10 @@ def table2_column(group: SeedGroup) -> Table2Column | None:
         if rec["level"] == level and rec["branch"]["seed"] in group.runs:
             found.setdefault(rec["branch"]["kind"], []).append(rec["score"])
     baselines = {k: Stats.of(v) for k, v in found.items()}
+    hp = RunHparams.from_dict(group.reference.read_hparams()["hparams"])
     return Table2Column(group.task, summary.metric, summary.seeds, summary.full,
-                        summary.highest, summary.highest_strict, level, baselines)
+                        summary.highest, summary.highest_strict, level, baselines,
+                        chance_score(hp))
 
 
 def table2_columns(root: Path, tasks: Sequence[str] | None = None, rewind_step: int = 0,
@@ -214,7 +229,10 @@ def table2_rows(columns: Sequence[Table2Column]) -> list[tuple[str, list[str]]]:
         return "–" if level is None else f"{level.sparsity * 100:.0f}%"
 
     rows = [
-        ("Full model", [c.full.fmt() for c in columns]),
+        ("Full model", [c.full.fmt() + (" (at chance)" if c.at_chance else "")
+                        for c in columns]),
+        ("Majority class (chance)", ["–" if c.chance is None else f"{c.chance * 100:.1f}"
+                                     for c in columns]),
         ("Highest matching sparsity", [pct(c.imp) for c in columns]),
         ("IMP subnetwork at that sparsity",
          [c.imp.stats.fmt() if c.imp else "–" for c in columns]),
@@ -244,6 +262,12 @@ def table2_markdown(columns: Sequence[Table2Column]) -> str:
         text += ("\nNo pruned level matches the full model for "
                  + ", ".join(task_label(c.task) for c in notes)
                  + "; their baselines are at level 1.\n")
+    vacuous = [c for c in columns if c.at_chance]
+    if vacuous:
+        text += ("\nThe full model of " + ", ".join(task_label(c.task) for c in vacuous)
+                 + " scores no better than always predicting the majority class, so every "
+                 "subnetwork there is \"matching\" trivially: train it longer before reading "
+                 "its column.\n")
     return text
 
 
@@ -254,6 +278,8 @@ def table2_csv(columns: Sequence[Table2Column]) -> str:
     w.writerow(["task", "metric", "entry", "level", "sparsity", "mean", "std", "n"])
     for c in columns:
         w.writerow([c.task, c.metric, "full", 0, 0.0, c.full.mean, c.full.std, c.full.n])
+        if c.chance is not None:
+            w.writerow([c.task, c.metric, "majority-class", "", "", c.chance, 0.0, 1])
         if c.imp is not None:
             s = c.imp
             w.writerow([c.task, c.metric, "imp", s.level, s.sparsity, s.stats.mean,
@@ -301,6 +327,7 @@ def _column_dict(c: Table2Column) -> dict[str, Any]:
                                        **s.stats.to_dict()}
 
     return {"task": c.task, "metric": c.metric, "seeds": c.seeds, "full": c.full.to_dict(),
+            "majority_class": c.chance, "full_at_chance": c.at_chance,
             "highest_matching": level(c.imp), "highest_strictly_matching": level(c.strict),
             "baseline_level": c.level,
             "baselines": {k: v.to_dict() for k, v in c.baselines.items()}}

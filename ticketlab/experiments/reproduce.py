@@ -420,6 +420,12 @@ def write_report(spec: Spec, root: Path, out: Path, timings: dict[str, Any]) -> 
     if columns:
         t2.tables.append((["", *table2_headers(columns)],
                           [[name, *cells] for name, cells in table2_rows(columns)]))
+        vacuous = [task_label(c.task) for c in columns if c.at_chance]
+        if vacuous:
+            t2.text.append(f"The full model of {', '.join(vacuous)} scores no better than "
+                           "always predicting the majority class (the *Majority class* row), "
+                           "so its subnetworks are \"matching\" trivially: that column says "
+                           "the budget was too small for the task, not that tickets exist.")
     else:
         t2.text.append("No task has finished its full model yet.")
     sections.append(t2)
