@@ -141,3 +141,22 @@ def test_the_ray_backend_runs_a_two_cell_grid(tiny_bert_dir, glue_dir, tmp_path)
     assert all(cell_done(spec, c, root) for c in spec.cells("imp"))
     runs = [root / spec.hparams_for("sst2", seed).run_id() for seed in (0, 1)]
     assert all((run / "level_0" / "metrics.json").is_file() for run in runs)
+
+
+def test_a_cell_locked_by_another_process_is_skipped_not_failed(
+        tiny_bert_dir, glue_dir, tmp_path) -> None:
+    """Two sweeps sharing a store: a cell another live process is running is left to it."""
+    from ticketlab.imp import run_lock
+    from ticketlab.store import Run
+
+    spec = Spec.load(write_spec(tmp_path, tiny_bert_dir, glue_dir,
+                                'tasks = ["sst2"]\nseeds = 2'))
+    root = Path(spec.root)
+    busy = Run(root / spec.hparams_for("sst2", 1).run_id())
+    with run_lock(busy):  # this test process plays the other sweep
+        reports = run_sweep(spec, root, QUIET)
+    assert [(r.part, r.ran) for r in reports] == [("imp", 1)]
+    status = dict((c.label(), done) for c, done in sweep_status(spec, root))
+    assert status == {"imp sst2 seed 0": True, "imp sst2 seed 1": False}
+    assert run_sweep(spec, root, QUIET)[0].ran == 1  # once free, the next sweep runs it
+    assert all(done for _, done in sweep_status(spec, root))

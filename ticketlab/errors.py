@@ -16,3 +16,8 @@ class TicketlabError(Exception):
         self.problem = problem
         self.fix = fix
         super().__init__(problem if not fix else f"{problem}\nFix: {fix}")
+
+
+class RunBusy(TicketlabError):
+    """Another live process holds the run directory's lock. A sweep skips such a cell instead
+    of failing, so several sweeps (or a sweep and a hand-run command) can share one store."""

@@ -22,7 +22,7 @@ from rich.console import Console
 from safetensors.torch import load_file, save
 
 from ticketlab import __version__ as VERSION
-from ticketlab.errors import TicketlabError
+from ticketlab.errors import RunBusy, TicketlabError
 from ticketlab.experiment import Setup, prepare
 from ticketlab.hparams import RunHparams, stable_hash
 from ticketlab.masks import Mask
@@ -48,7 +48,7 @@ def run_lock(run: Run, main: bool = True) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as e:
-            raise TicketlabError(
+            raise RunBusy(
                 f"Another ticketlab process is working on {run.path}.",
                 "Wait for it to finish (or stop it); a crashed process releases the lock.",
             ) from e

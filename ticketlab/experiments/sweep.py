@@ -58,7 +58,7 @@ from typing import Any
 
 from rich.console import Console
 
-from ticketlab.errors import TicketlabError
+from ticketlab.errors import RunBusy, TicketlabError
 from ticketlab.experiments.baselines import BASELINE_KINDS, branch_done, run_branch
 from ticketlab.experiments.common import (
     group_of,
@@ -492,7 +492,12 @@ def run_sweep(
             else:
                 for cell in todo:
                     console.rule(cell.label())
-                    run_cell(spec, cell, root, runtime, console)
+                    try:
+                        run_cell(spec, cell, root, runtime, console)
+                    except RunBusy as e:
+                        console.print(f"[yellow]skipped[/yellow] {cell.label()}: {e.problem} "
+                                      "Run the sweep again once it is done.")
+                        continue
                     ran += 1
         finally:  # also when interrupted: the time spent so far is reported
             report = PartReport(part, len(cells), len(cells) - len(todo), ran,
@@ -518,6 +523,8 @@ def ray_cell(spec_json: str, cell_json: str, root: str, runtime_json: str) -> di
     t0 = time.perf_counter()
     try:
         run_cell(spec, cell, Path(root), runtime)
+    except RunBusy as e:
+        return {"cell": cell.label(), "busy": e.problem}
     except TicketlabError as e:
         return {"cell": cell.label(), "error": e.problem, "fix": e.fix}
     return {"cell": cell.label(), "seconds": time.perf_counter() - t0}
@@ -545,7 +552,10 @@ def _run_on_ray(spec: Spec, cells: Sequence[Cell], root: Path, runtime: Runtime,
     while pending:
         done, pending = ray.wait(pending, num_returns=1)
         result = ray.get(done[0])
-        if "error" in result:
+        if "busy" in result:
+            console.print(f"[yellow]skipped[/yellow] {result['cell']}: {result['busy']} Run "
+                          "the sweep again once it is done.")
+        elif "error" in result:
             errors.append(result)
             console.print(f"[red]failed[/red] {result['cell']}: {result['error']}")
         else:
