@@ -8,7 +8,7 @@ examples become tokenised features, how a batch is collated and how predictions 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -58,13 +58,34 @@ class Task(ABC):
     paper_defaults: dict[str, Any] = {"lr": 2e-5, "batch_size": 32, "epochs": 3.0,
                                       "max_length": 128}
 
-    def configure(self, data: DataHparams) -> None:  # noqa: B027 - optional hook, no-op here
-        """Take task-specific settings from the run's data hparams before featurising.
+    #: Task-specific DataHparams fields (SQuAD's ``doc_stride``, MLM's ``block_size``): each is
+    #: an attribute holding the paper's default until :meth:`configure` reads the run's value.
+    settings: tuple[str, ...] = ()
 
-        Called by :func:`ticketlab.experiment.prepare`; most tasks need nothing beyond
-        ``max_length`` (handed to :meth:`featurize`), SQuAD reads ``doc_stride`` and MLM
-        ``block_size``.
-        """
+    def __init__(self, source: DataSource | None = None) -> None:
+        """``source``, when given, has its options checked now: an option meant for another
+        task fails before any work starts."""
+        self.source = source
+        for name in self.settings:
+            setattr(self, name, self.paper_defaults[name])
+        if source is not None:
+            self.check_options(source)
+
+    def configure(self, data: DataHparams) -> None:
+        """Take task-specific settings (:attr:`settings`) from the run's data hparams before
+        featurising; None keeps the paper's default. Called by
+        :func:`ticketlab.experiment.prepare`; most tasks need nothing beyond ``max_length``
+        (handed to :meth:`featurize`)."""
+        for name in self.settings:
+            value = getattr(data, name)
+            if value is not None:
+                setattr(self, name, value)
+
+    def check_split(self, split: str, splits: Sequence[str]) -> None:
+        """Refuse a split name this task does not have."""
+        if split not in splits:
+            raise TicketlabError(f"task {self.name} has no split {split!r}",
+                                 f"use one of: {', '.join(splits)}")
 
     #: The data options this task accepts (``--train-file``, CSV column names...); any other
     #: key in ``DataSource.options`` is refused by :meth:`check_options`.

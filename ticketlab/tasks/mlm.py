@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ticketlab.errors import TicketlabError
-from ticketlab.hparams import DataHparams, TrainHparams
+from ticketlab.hparams import TrainHparams
 from ticketlab.tasks.base import DataSource, Task, explicit_file
 
 if TYPE_CHECKING:
@@ -107,30 +107,19 @@ class MlmTask(Task):
     main_metric = "accuracy"
     eval_splits = {"dev": ""}
     output_keys = ()
+    settings = ("block_size",)
+    block_size: int
     #: The paper's code: lr 5e-5 (run_language_modeling's default), batch 16, one epoch; its
     #: blocks are 512 tokens, the default here is 128 (16× cheaper attention on a CPU).
     #: Evaluation batches are smaller because each one's logits are batch × block × vocabulary.
     paper_defaults = {"lr": 5e-5, "batch_size": 16, "epochs": 1.0, "block_size": 128,
                       "eval_batch_size": 32}
 
-    def __init__(self, source: DataSource | None = None) -> None:
-        self.source = source
-        self.block_size: int = self.paper_defaults["block_size"]
-        if source is not None:
-            self.check_options(source)
-
-    def configure(self, data: DataHparams) -> None:
-        """Use the run's ``block_size`` (None keeps 128)."""
-        if data.block_size is not None:
-            self.block_size = data.block_size
-
     # ---- loading ---------------------------------------------------------------------------
 
     def load(self, source: DataSource, split: str) -> list[dict[str, Any]]:
         """Non-empty lines of ``split`` as ``{"text": line}``."""
-        if split not in _SPLITS:
-            raise TicketlabError(f"task mlm has no split {split!r}",
-                                 f"use one of: {', '.join(_SPLITS)}")
+        self.check_split(split, list(_SPLITS))
         self.check_options(source)
         option = self.file_option(split)
         if source.options.get(option):

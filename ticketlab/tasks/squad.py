@@ -34,7 +34,6 @@ from typing import Any
 import numpy as np
 
 from ticketlab.errors import TicketlabError
-from ticketlab.hparams import DataHparams
 from ticketlab.tasks.base import DataSource, Task, explicit_file
 from ticketlab.tasks.squad_metrics import squad_v1_scores
 
@@ -82,27 +81,16 @@ class SquadTask(Task):
     main_metric = "f1"
     eval_splits = {"dev": ""}
     output_keys = ("start_logits", "end_logits")
+    settings = ("doc_stride",)
+    doc_stride: int
     paper_defaults = {"lr": 3e-5, "batch_size": 16, "epochs": 2.0, "max_length": 384,
                       "doc_stride": 128}
-
-    def __init__(self, source: DataSource | None = None) -> None:
-        self.source = source
-        self.doc_stride: int = self.paper_defaults["doc_stride"]
-        if source is not None:
-            self.check_options(source)  # fail early on an option meant for another task
-
-    def configure(self, data: DataHparams) -> None:
-        """Use the run's ``doc_stride`` (None keeps the paper's 128)."""
-        if data.doc_stride is not None:
-            self.doc_stride = data.doc_stride
 
     # ---- loading ---------------------------------------------------------------------------
 
     def load(self, source: DataSource, split: str) -> list[dict[str, Any]]:
         """Questions of ``split`` as ``{"id", "title", "context", "question", "answers"}``."""
-        if split not in _SPLITS:
-            raise TicketlabError(f"task squad has no split {split!r}",
-                                 f"use one of: {', '.join(_SPLITS)}")
+        self.check_split(split, list(_SPLITS))
         self.check_options(source)
         if source.path is None and not source.options.get(self.file_option(split)):
             return self._load_hub(split)
