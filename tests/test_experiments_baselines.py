@@ -10,10 +10,9 @@ import torch
 from rich.console import Console
 from typer.testing import CliRunner
 
-import ticketlab.experiments.common as common
+import ticketlab.levels as levels
 from ticketlab.cli import app
 from ticketlab.errors import TicketlabError
-from ticketlab.experiment import prepare
 from ticketlab.experiments.baselines import (
     BASELINE_KINDS,
     baseline_start,
@@ -23,11 +22,12 @@ from ticketlab.experiments.baselines import (
     run_branch,
     standard_mask,
 )
-from ticketlab.experiments.common import full_key, with_seed
+from ticketlab.experiments.common import with_seed
 from ticketlab.hparams import DataHparams, ModelHparams, PruneHparams, RunHparams, TrainHparams
 from ticketlab.imp import find_ticket, finetune
 from ticketlab.masks import Mask
 from ticketlab.models import layer_of, role_of
+from ticketlab.prepare import prepare
 from ticketlab.store import Run
 from ticketlab.train import Runtime
 
@@ -64,7 +64,7 @@ def tiny_run_hparams(model: Path, glue: Path) -> RunHparams:
 
 
 def prunable_state(setup, state) -> dict[str, torch.Tensor]:
-    return {n: state[full_key(setup, n)] for n in setup.prunable}
+    return {n: state[setup.full_key(n)] for n in setup.prunable}
 
 
 def assert_magnitude_mask(mask: Mask, weights: dict[str, torch.Tensor]) -> None:
@@ -134,13 +134,13 @@ def test_every_baseline_has_its_defining_property(tiny_hparams, imp_run) -> None
 
 def spy_train(monkeypatch) -> list[str]:
     calls: list[str] = []
-    real = common.train
+    real = levels.train
 
     def spy(*args, **kwargs):
         calls.append(kwargs.get("description", ""))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(common, "train", spy)
+    monkeypatch.setattr(levels, "train", spy)
     return calls
 
 

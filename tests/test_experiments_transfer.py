@@ -22,11 +22,10 @@ from ticketlab.experiments.common import Stats, with_seed, with_task
 from ticketlab.experiments.transfer import (
     ONE_SHOT,
     TransferResult,
-    finetune_run,
     run_transfer,
     write_transfer,
 )
-from ticketlab.imp import finetune
+from ticketlab.imp import finetune, finetune_run
 from ticketlab.masks import Mask
 from ticketlab.train import Runtime
 

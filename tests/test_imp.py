@@ -7,6 +7,7 @@ import torch
 from rich.console import Console
 
 import ticketlab.imp as imp
+import ticketlab.levels as levels
 from ticketlab.errors import TicketlabError
 from ticketlab.hparams import DataHparams, RunHparams
 from ticketlab.masks import Mask
@@ -27,14 +28,14 @@ def masks_of(run: Run) -> list[Mask]:
 def spy_train(monkeypatch) -> list[dict]:
     """Record, at each call of train(), the model state and mask it starts from."""
     calls: list[dict] = []
-    real = imp.train
+    real = levels.train
 
     def spy(model, prunable, mask, *args, **kwargs):
         calls.append({"state": {k: v.clone() for k, v in model.state_dict().items()},
                       "mask": mask})
         return real(model, prunable, mask, *args, **kwargs)
 
-    monkeypatch.setattr(imp, "train", spy)
+    monkeypatch.setattr(levels, "train", spy)
     return calls
 
 
@@ -146,7 +147,7 @@ def test_raising_the_target_continues_the_same_run(tiny_hparams, tmp_path, monke
 def test_second_process_on_the_same_run_is_refused(tiny_hparams, tmp_path) -> None:
     hp = tiny_hparams()
     run = Run(tmp_path / hp.run_id())
-    with imp.run_lock(run), pytest.raises(TicketlabError, match="Another ticketlab process"):
+    with run.lock(), pytest.raises(TicketlabError, match="Another ticketlab process"):
         imp.find_ticket(hp, tmp_path, QUIET, console())
 
 
@@ -243,11 +244,11 @@ def test_imp_runs_on_other_bert_families(family, tmp_path, minilm_tokenizer, tin
     run = imp.find_ticket(hp, tmp_path / "runs", QUIET, console())
     assert run.levels() == [0, 1]
     assert run.metrics(1)["sparsity"] == pytest.approx(0.1, abs=1e-4)
-    assert "pooler" not in run.metrics(1)["sparsity_by_kind"]
+    assert "pooler" not in run.metrics(1)["sparsity_by_role"]
 
 
 def test_sample_seed_draws_a_random_subset_in_file_order() -> None:
-    from ticketlab.experiment import train_subset
+    from ticketlab.prepare import train_subset
 
     rows = [{"idx": i} for i in range(100)]
     assert train_subset(rows, DataHparams(max_train_samples=10)) == rows[:10]
@@ -271,3 +272,46 @@ def test_a_new_unset_field_keeps_old_run_names(tiny_hparams) -> None:
                                                               sample_seed=0))
     plain = dataclasses.replace(hp, data=dataclasses.replace(hp.data, max_train_samples=8))
     assert seeded.run_id() != plain.run_id()
+
+
+@pytest.mark.parametrize("save_weights", [True, False])
+def test_a_deleted_level_folder_is_redone_from_what_is_stored(tiny_hparams, tmp_path,
+                                                              monkeypatch, save_weights):
+    """Issue 10, item 10: deleting level_K/ (mask included) used to leave the run stuck.
+    Now the mask is recomputed from level K-1's stored weights, or K-1 is trained again."""
+    import shutil
+
+    runtime = Runtime(progress=False, save_weights=save_weights)
+    hp = tiny_hparams(target_sparsity=0.2)
+    run = imp.find_ticket(hp, tmp_path, runtime, console())
+    reference = masks_of(run)
+    scores = [run.metrics(level)["score"] for level in run.levels()]
+    shutil.rmtree(run.level_dir(2))
+    calls = spy_train(monkeypatch)
+    imp.find_ticket(hp, tmp_path, runtime, console())
+    assert run.levels() == [0, 1, 2]
+    assert masks_of(run) == reference
+    assert [run.metrics(level)["score"] for level in run.levels()] == scores
+    assert len(calls) == (1 if save_weights else 2)  # level 2 (and level 1 without weights)
+
+
+def test_movement_pruning_runs_through_find_and_a_branch(tiny_hparams, tmp_path) -> None:
+    """Issue 11: a criterion that needs training-time statistics, through `find --method`."""
+    from safetensors.torch import load_file
+
+    from ticketlab.experiments.baselines import run_branch
+    from ticketlab.pruning import prune
+
+    run = imp.find_ticket(tiny_hparams(target_sparsity=0.2, method="movement"), tmp_path,
+                          QUIET, console())
+    assert run.levels() == [0, 1, 2]
+    assert "scores.safetensors" in run.metrics(0)["checksums"]
+    scores = load_file(str(run.level_dir(0) / "scores.safetensors"))
+    ones = Mask.load(run.level_dir(0) / "mask.safetensors")
+    weights = {n: torch.zeros(t.shape) for n, t in ones.tensors.items()}  # movement ignores |w|
+    recomputed = prune(weights, ones, 0.1, "movement", seed=0, stats=scores)
+    assert recomputed == Mask.load(run.level_dir(1) / "mask.safetensors")
+    magnitude = imp.find_ticket(tiny_hparams(target_sparsity=0.1), tmp_path, QUIET, console())
+    assert masks_of(magnitude)[1] != masks_of(run)[1]
+    branch = run_branch(run, 1, "random", 0, QUIET, console())
+    assert branch.metrics(1)["sparsity"] == pytest.approx(0.1, abs=1e-4)

@@ -133,3 +133,20 @@ def test_apply_zeroes_exactly_the_pruned_weights() -> None:
     mask.apply_(params)
     for k, t in mask.tensors.items():
         assert (params[k][~t] == 0).all() and (params[k][t] != 0).all()
+
+
+@pytest.mark.parametrize("edit", [
+    lambda meta: meta["shapes"].update({next(iter(meta["shapes"])): ["4", "x"]}),
+    lambda meta: meta["shapes"].update({next(iter(meta["shapes"])): [10**13, 10**13]}),
+    lambda meta: meta.update({"sparsity": float("nan")}),
+    lambda meta: meta.update({"sparsity": "half"}),
+    lambda meta: meta.update({"shapes": "everything"}),
+])
+def test_mask_metadata_with_wrong_types_is_one_clear_error(tmp_path: Path, edit) -> None:
+    """Issue 10, item 7: a non-numeric shape, a huge claimed shape, a NaN sparsity — refused
+    as a corrupt file, before anything is allocated from the claimed sizes."""
+    path = tmp_path / "mask.safetensors"
+    sample_mask().save(path)
+    _rewrite_header(path, lambda meta, header: edit(meta))
+    with pytest.raises(TicketlabError, match="corrupt"):
+        Mask.load(path)

@@ -12,11 +12,17 @@ import torch
 from safetensors.torch import save
 from typer.testing import CliRunner
 
-from ticketlab.cli import app, resolve_task_defaults
+from ticketlab.cli import app
 from ticketlab.errors import TicketlabError
-from ticketlab.experiment import prepare
-from ticketlab.hparams import DataHparams, ModelHparams, RunHparams, TrainHparams
+from ticketlab.hparams import (
+    DataHparams,
+    ModelHparams,
+    RunHparams,
+    TrainHparams,
+    build_hparams,
+)
 from ticketlab.models import load_model
+from ticketlab.prepare import prepare
 from ticketlab.store import list_runs
 from ticketlab.tasks import get_task
 from ticketlab.tasks.base import DataSource
@@ -189,16 +195,14 @@ def test_data_sources(tmp_path: Path, minilm_tokenizer) -> None:
 
 
 def test_cli_defaults_for_mlm() -> None:
-    empty = dict.fromkeys(("lr", "batch_size", "epochs", "max_length", "eval_batch_size",
-                           "doc_stride", "block_size"))
-    mlm = resolve_task_defaults(empty, "mlm")
-    assert (mlm["lr"], mlm["batch_size"], mlm["epochs"], mlm["block_size"],
-            mlm["eval_batch_size"], mlm["doc_stride"]) == (5e-5, 16, 1.0, 128, 32, None)
-    assert resolve_task_defaults({**empty, "block_size": 512}, "mlm")["block_size"] == 512
+    mlm = build_hparams("mlm", {})
+    assert (mlm.train.lr, mlm.train.batch_size, mlm.train.epochs, mlm.data.block_size,
+            mlm.train.eval_batch_size, mlm.data.doc_stride) == (5e-5, 16, 1.0, 128, 32, None)
+    assert build_hparams("mlm", {"block_size": 512}).data.block_size == 512
     with pytest.raises(TicketlabError, match="--block-size does not apply to task squad"):
-        resolve_task_defaults({**empty, "block_size": 512}, "squad")
+        build_hparams("squad", {"block_size": 512})
     with pytest.raises(TicketlabError, match="--max-length does not apply to task mlm") as err:
-        resolve_task_defaults({**empty, "max_length": 256}, "mlm")
+        build_hparams("mlm", {"max_length": 256})
     assert "--block-size" in err.value.fix
 
 

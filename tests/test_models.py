@@ -141,3 +141,106 @@ def test_head_init_is_seeded(tiny_bert_dir: Path) -> None:
     c = load_model(str(tiny_bert_dir), "sequence-classification", seed=4)
     assert (a.classifier.weight == b.classifier.weight).all()
     assert not (a.classifier.weight == c.classifier.weight).all()
+
+
+# --- issue 10, items 6 and 7: weights the checkpoint lacks, damaged and pickle-only folders ---
+@pytest.fixture()
+def no_pooler_dir(tmp_path: Path, minilm_tokenizer) -> Path:
+    """A converted checkpoint without pooler weights (as the MiniLM-L3 of the issue)."""
+    import torch
+    from transformers import BertModel
+
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=minilm_tokenizer.vocab_size, hidden_size=H,
+                         num_hidden_layers=L, num_attention_heads=2, intermediate_size=FF),
+              add_pooling_layer=False).save_pretrained(tmp_path / "no-pooler")
+    minilm_tokenizer.save_pretrained(tmp_path / "no-pooler")
+    return tmp_path / "no-pooler"
+
+
+def test_missing_base_weights_are_reported_and_left_out_of_the_prunable_set(
+        no_pooler_dir, glue_dir) -> None:
+    from ticketlab.hparams import build_hparams
+    from ticketlab.prepare import prepare
+
+    values = {"model": str(no_pooler_dir), "data_dir": str(glue_dir), "max_train_samples": 8,
+              "max_eval_samples": 8, "max_length": 16}
+    with pytest.warns(UserWarning, match="no weights for 1 prunable matrix .*pooler"):
+        setup = prepare(build_hparams("sst2", values))
+    assert setup.missing == ["pooler.dense.bias", "pooler.dense.weight"]
+    assert "pooler.dense.weight" not in setup.prunable and len(setup.prunable) == 6 * L
+    assert not any("pooler" in k for k in setup.digests)  # random, drawn under the seed
+    kept = prepare(build_hparams("sst2", {**values, "prune_missing_weights": True}))
+    assert "pooler.dense.weight" in kept.prunable
+    assert "pooler.dense.weight" in kept.digests  # now its values define θ0
+
+
+def test_a_mask_with_a_random_pooler_of_another_seed_is_refused(no_pooler_dir, glue_dir):
+    from ticketlab.hparams import build_hparams
+    from ticketlab.masks import Mask
+    from ticketlab.prepare import prepare
+
+    values = {"model": str(no_pooler_dir), "data_dir": str(glue_dir), "max_train_samples": 8,
+              "max_eval_samples": 8, "max_length": 16, "prune_missing_weights": True}
+    seed0 = prepare(build_hparams("sst2", {**values, "seed": 0}))
+    seed1 = prepare(build_hparams("sst2", {**values, "seed": 1}))
+    assert seed0.fingerprint == seed1.fingerprint  # the old check could not tell them apart
+    mask = Mask(Mask.ones_like(seed0.prunable).tensors, seed0.mask_meta())
+    mask.check_compatible(seed0.prunable, seed0.fingerprint, digests=seed0.digests)
+    with pytest.raises(TicketlabError, match="randomly initialised weight drawn under another "
+                                             "seed"):
+        mask.check_compatible(seed1.prunable, seed1.fingerprint, digests=seed1.digests)
+
+
+def test_a_mask_found_on_other_embeddings_is_refused(tiny_bert_dir, tmp_path) -> None:
+    """Same encoder matrices (same fingerprint), other word embeddings: another θ0."""
+    from safetensors.torch import load_file, save_file
+
+    from ticketlab.families.text import TextEncoderFamily
+    from ticketlab.masks import Mask
+    from ticketlab.models import tensor_digests
+
+    other = tmp_path / "other"
+    import shutil
+
+    shutil.copytree(tiny_bert_dir, other)
+    state = load_file(str(other / "model.safetensors"))
+    state["embeddings.word_embeddings.weight"] = state["embeddings.word_embeddings.weight"] + 1
+    save_file(state, str(other / "model.safetensors"), metadata={"format": "pt"})
+    fam = TextEncoderFamily()
+    nets = [fam.load(str(p), "sequence-classification", 2, 0).model
+            for p in (tiny_bert_dir, other)]
+    params = [prunable_parameters(n) for n in nets]
+    digests = [tensor_digests(n.base_model.state_dict()) for n in nets]
+    assert fingerprint(params[0]) == fingerprint(params[1])
+    mask = Mask(Mask.ones_like(params[0]).tensors, {"fingerprint": fingerprint(params[0]),
+                                                   "theta0": digests[0]})
+    with pytest.raises(TicketlabError, match="embeddings.word_embeddings.weight"):
+        mask.check_compatible(params[1], fingerprint(params[1]), digests=digests[1])
+    mask.check_compatible(params[1], fingerprint(params[1]), digests=digests[1],
+                          allow_different_weights=True)
+
+
+def test_a_damaged_weights_file_is_one_clear_error(tiny_bert_dir, tmp_path) -> None:
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_bert_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"\x00\x01garbage" * 10)
+    with pytest.raises(TicketlabError, match="weights file is damaged or unreadable"):
+        load_model(str(broken), "sequence-classification")
+
+
+def test_a_pickle_only_folder_is_refused_without_unpickling(tiny_bert_dir, tmp_path) -> None:
+    import shutil
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_bert_dir, pickled)
+    (pickled / "model.safetensors").unlink()
+    marker = tmp_path / "unpickled"
+    # A pickle whose loading would create the marker file: it must never be loaded.
+    payload = (b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR.")
+    (pickled / "pytorch_model.bin").write_bytes(payload)
+    with pytest.raises(TicketlabError, match="holds only pickle weights") as err:
+        load_model(str(pickled), "sequence-classification")
+    assert "safetensors" in err.value.fix and not marker.exists()

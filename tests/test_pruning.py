@@ -100,3 +100,46 @@ def test_sparsity_out_of_range_is_refused(bad: float) -> None:
     w = hand_weights()
     with pytest.raises(TicketlabError, match="outside"):
         prune(w, Mask.ones_like(w), bad)
+
+
+# --- the criteria registry and a criterion with training-time statistics (issue 11) ---------
+def test_movement_scores_accumulate_minus_w_times_grad_over_steps() -> None:
+    from ticketlab.pruning import MovementScores
+
+    w = torch.nn.Parameter(torch.tensor([[1.0, -2.0], [3.0, 0.5]]))
+    stats = MovementScores({"w": w})
+    w.grad = torch.tensor([[1.0, 1.0], [-1.0, 0.0]])
+    stats.after_backward(1)
+    w.grad = torch.tensor([[0.5, 0.0], [-1.0, 2.0]])
+    stats.after_backward(2)
+    # S = -(w*g1 + w*g2) with w fixed here: [[-(1+0.5), -(-2+0)], [-(-3-3), -(0+1)]]
+    assert torch.equal(stats.result()["w"], torch.tensor([[-1.5, 2.0], [6.0, -1.0]]))
+
+
+def test_movement_pruning_keeps_weights_moving_away_from_zero_whatever_their_size() -> None:
+    w = hand_weights()
+    # Every "big" weight is being pulled towards zero (w·g > 0), every "small" one pushed away:
+    # magnitude pruning would remove "small", movement pruning removes "big".
+    stats = {"big": w["big"].sign() * 0.5, "small": -w["small"].sign()}
+    stats = {n: -(w[n] * g) for n, g in stats.items()}
+    mask = prune(w, Mask.ones_like(w), 0.5, "movement", stats=stats)
+    assert not mask.tensors["big"].any() and mask.tensors["small"].all()
+    with pytest.raises(TicketlabError, match="no training statistics"):
+        prune(w, Mask.ones_like(w), 0.5, "movement")
+
+
+def test_a_new_criterion_is_one_registry_entry(monkeypatch) -> None:
+    from ticketlab import pruning
+    from ticketlab.hparams import PruneHparams
+
+    def last_row_first(weights, mask, generator, stats):
+        return {n: torch.arange(t.numel(), dtype=torch.float32).reshape(t.shape)
+                for n, t in mask.tensors.items()}
+
+    monkeypatch.setitem(pruning.CRITERIA, "position",
+                        pruning.Criterion("position", "prune by position", last_row_first))
+    w = hand_weights()
+    mask = prune(w, Mask.ones_like(w), 0.5, "position")
+    assert mask.tensors["big"][1].all() and not mask.tensors["big"][0].any()
+    assert PruneHparams(method="position").method == "position"  # the hparams accept it
+    assert "position: prune by position" in pruning.methods_help()

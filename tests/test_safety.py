@@ -88,13 +88,14 @@ def test_nan_loss_stops_without_touching_stored_levels(tiny_hparams, tmp_path, m
     from rich.console import Console
 
     import ticketlab.imp as imp
+    import ticketlab.levels as levels
     from ticketlab.train import Runtime
 
     quiet = Console(file=open("/dev/null", "w"))  # noqa: SIM115
     hp = tiny_hparams(target_sparsity=0.1)
     run = imp.find_ticket(hp, tmp_path, Runtime(progress=False), quiet)
     stored = {p: p.read_bytes() for p in run.path.rglob("*") if p.is_file()}
-    real_train = imp.train
+    real_train = levels.train
 
     def poisoned(model, *args, **kwargs):
         import torch
@@ -103,7 +104,7 @@ def test_nan_loss_stops_without_touching_stored_levels(tiny_hparams, tmp_path, m
             model.classifier.weight.fill_(float("nan"))
         return real_train(model, *args, **kwargs)
 
-    monkeypatch.setattr(imp, "train", poisoned)
+    monkeypatch.setattr(levels, "train", poisoned)
     with pytest.raises(TicketlabError, match=r"loss became nan at step 1 \(learning rate"):
         imp.find_ticket(tiny_hparams(target_sparsity=0.2), tmp_path, Runtime(progress=False),
                         quiet)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from ticketlab.cli import app, resolve_task_defaults
+from ticketlab.cli import app
 from ticketlab.errors import TicketlabError
 from ticketlab.hparams import DataHparams, RunHparams
 from ticketlab.store import list_runs
@@ -240,17 +240,17 @@ def test_stride_that_leaves_no_room_is_refused(minilm_tokenizer) -> None:
 
 
 def test_cli_defaults_follow_the_task() -> None:
-    empty = dict.fromkeys(("lr", "batch_size", "epochs", "max_length", "eval_batch_size",
-                           "doc_stride", "block_size"))
-    squad = resolve_task_defaults(empty, "squad")
-    assert (squad["lr"], squad["batch_size"], squad["epochs"], squad["max_length"],
-            squad["doc_stride"]) == (3e-5, 16, 2.0, 384, 128)
-    glue = resolve_task_defaults(empty, "SST-2")
-    assert (glue["lr"], glue["batch_size"], glue["epochs"], glue["max_length"],
-            glue["doc_stride"], glue["block_size"]) == (2e-5, 32, 3.0, 128, None, None)
-    assert resolve_task_defaults({**empty, "lr": 1e-4}, "squad")["lr"] == 1e-4
+    from ticketlab.hparams import build_hparams
+
+    squad = build_hparams("squad", {})
+    assert (squad.train.lr, squad.train.batch_size, squad.train.epochs, squad.data.max_length,
+            squad.data.doc_stride) == (3e-5, 16, 2.0, 384, 128)
+    glue = build_hparams("SST-2", {})
+    assert (glue.train.lr, glue.train.batch_size, glue.train.epochs, glue.data.max_length,
+            glue.data.doc_stride, glue.data.block_size) == (2e-5, 32, 3.0, 128, None, None)
+    assert build_hparams("squad", {"lr": 1e-4}).train.lr == 1e-4
     with pytest.raises(TicketlabError, match="--doc-stride does not apply to task sst2"):
-        resolve_task_defaults({**empty, "doc_stride": 64}, "sst2")
+        build_hparams("sst2", {"doc_stride": 64})
 
 
 def test_new_fields_leave_older_run_ids_alone() -> None:

@@ -146,17 +146,42 @@ def test_the_ray_backend_runs_a_two_cell_grid(tiny_bert_dir, glue_dir, tmp_path)
 def test_a_cell_locked_by_another_process_is_skipped_not_failed(
         tiny_bert_dir, glue_dir, tmp_path) -> None:
     """Two sweeps sharing a store: a cell another live process is running is left to it."""
-    from ticketlab.imp import run_lock
     from ticketlab.store import Run
 
     spec = Spec.load(write_spec(tmp_path, tiny_bert_dir, glue_dir,
                                 'tasks = ["sst2"]\nseeds = 2'))
     root = Path(spec.root)
     busy = Run(root / spec.hparams_for("sst2", 1).run_id())
-    with run_lock(busy):  # this test process plays the other sweep
+    with busy.lock():  # this test process plays the other sweep
         reports = run_sweep(spec, root, QUIET)
     assert [(r.part, r.ran) for r in reports] == [("imp", 1)]
     status = dict((c.label(), done) for c, done in sweep_status(spec, root))
     assert status == {"imp sst2 seed 0": True, "imp sst2 seed 1": False}
     assert run_sweep(spec, root, QUIET)[0].ran == 1  # once free, the next sweep runs it
     assert all(done for _, done in sweep_status(spec, root))
+
+
+def test_dry_run_of_a_large_grid_counts_first_and_resolves_each_level_once(
+        tmp_path, monkeypatch) -> None:
+    """Issue 10, item 14: a 300-seed grid printed nothing for 300 s. The count comes from the
+    grid's sizes, the cells stream, and the matching level is resolved once per task."""
+    path = tmp_path / "spec.toml"
+    path.write_text('[hparams]\nmodel = "minilm"\n[grid]\ntasks = ["sst2", "mrpc"]\n'
+                    'seeds = 300\nbaselines = ["random", "one-shot"]\n'
+                    '[transfer]\nsparsity = 0.1\nseeds = 2\n')
+    spec = Spec.load(path)
+    assert spec.cell_counts() == {"imp": 600, "rewinding": 0, "baselines": 1200,
+                                  "transfer": 16}
+    assert spec.cell_count() == sum(len(spec.cells(p)) for p in sweep.PARTS)
+    resolved = []
+    real = Spec.resolve_level
+    monkeypatch.setattr(Spec, "resolve_level",
+                        lambda self, cell, root: resolved.append(cell.task) or real(
+                            self, cell, root))
+    result = CliRunner().invoke(app, ["sweep", str(path), "--dry-run", "--root",
+                                      str(tmp_path / "runs")])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith("sweep: 1816 cells (imp 600, baselines 1200, transfer 16)")
+    assert "0 of 1816 cells finished" in lines[-1]
+    assert sorted(resolved) == ["mrpc", "sst2"]

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from ticketlab.errors import TicketlabError
-from ticketlab.experiment import prepare
 from ticketlab.hparams import TrainHparams
 from ticketlab.masks import Mask
+from ticketlab.prepare import prepare
 from ticketlab.pruning import prune
 from ticketlab.train import Runtime, evaluate, planned_steps, train
 

@@ -1,8 +1,12 @@
-"""ticketlab: find, test, transfer and ship lottery tickets of pre-trained transformers.
+"""ticketlab: find, test, transfer and ship lottery tickets of pre-trained networks.
 
 The vocabulary follows the paper (Chen et al., NeurIPS 2020) and open_lth: θ0 is the
 pre-trained network, a :class:`~ticketlab.masks.Mask` picks a subnetwork of its prunable set,
 IMP finds masks level by level, and every run lives in a directory named by its hparams.
+
+Everything below is imported on first use (PEP 562), so ``import ticketlab`` and
+``ticketlab --help`` load neither torch nor transformers. ``dir(ticketlab)`` lists the entry
+points; the README's "Python API" section shows each in a few lines.
 """
 
 import os
@@ -11,28 +15,37 @@ import os
 # Only a default; set OMP_WAIT_POLICY yourself to override it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from ticketlab.errors import TicketlabError  # noqa: E402
-from ticketlab.hparams import (  # noqa: E402
-    DataHparams,
-    ModelHparams,
-    PruneHparams,
-    RunHparams,
-    TrainHparams,
-)
-from ticketlab.masks import Mask  # noqa: E402
+__version__ = "0.2.0"
 
-__version__ = "0.1.0"
-__all__ = ["DataHparams", "Mask", "ModelHparams", "PruneHparams", "RunHparams", "TicketlabError",
-           "TrainHparams", "__version__", "accelerate_ticket", "load_ticket"]
+#: Public name -> the module that defines it.
+_LAZY = {
+    "TicketlabError": "ticketlab.errors",
+    "RunHparams": "ticketlab.hparams", "ModelHparams": "ticketlab.hparams",
+    "DataHparams": "ticketlab.hparams", "TrainHparams": "ticketlab.hparams",
+    "PruneHparams": "ticketlab.hparams", "Runtime": "ticketlab.hparams",
+    "build_hparams": "ticketlab.hparams",
+    "Mask": "ticketlab.masks",
+    "Run": "ticketlab.store", "find_run": "ticketlab.store", "list_runs": "ticketlab.store",
+    "prepare": "ticketlab.prepare", "Setup": "ticketlab.prepare",
+    "find_ticket": "ticketlab.imp", "finetune": "ticketlab.imp",
+    "export_level": "ticketlab.export", "load_ticket": "ticketlab.export",
+    "accelerate_ticket": "ticketlab.sparse",
+    "TicketMaskCallback": "ticketlab.hf",
+}
 
-#: Heavy entry points, imported on first use so that ``import ticketlab`` stays light.
-_LAZY = {"load_ticket": "ticketlab.export", "accelerate_ticket": "ticketlab.sparse"}
+__all__ = sorted([*_LAZY, "__version__"])
 
 
 def __getattr__(name: str) -> object:
-    """Lazy attributes (PEP 562): the export and sparse-engine entry points."""
+    """Lazy attributes: the module is imported the first time one of its names is used."""
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'ticketlab' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -68,11 +68,15 @@ class Mask:
         fingerprint: str | None = None,
         allow_different_weights: bool = False,
         source: str = "mask",
+        digests: dict[str, str] | None = None,
     ) -> None:
-        """Refuse a mask whose names, shapes or θ0 fingerprint differ from the model's.
+        """Refuse a mask whose names, shapes or θ0 differ from the model's.
 
-        The pooler alone may be missing on either side: MLM and QA models have no pooler, and a
-        mask must transfer between heads of the same body (a missing pooler entry stays dense).
+        θ0 is compared twice: the fingerprint of the prunable encoder matrices (every mask has
+        it), and — for masks written since — the digest of every body tensor both sides have
+        (``digests``: embeddings, LayerNorms, the pooler...). The pooler alone may be missing
+        on either side: MLM and QA models have no pooler, and a mask must transfer between
+        heads of the same body (a missing pooler entry stays dense).
         """
         mine = {k for k in self.tensors if not k.startswith("pooler.")}
         theirs = {k for k in params if not k.startswith("pooler.")}
@@ -92,14 +96,28 @@ class Mask:
                     f"has {tuple(params[k].shape)}.",
                     "Use a mask found on the same architecture.",
                 )
+        if allow_different_weights:
+            return
         want = self.meta.get("fingerprint")
-        if fingerprint and want and want != fingerprint and not allow_different_weights:
+        if fingerprint and want and want != fingerprint:
             raise TicketlabError(
                 f"The {source} was found on other pre-trained weights (θ0 fingerprint "
                 f"{want[:12]}…, this model's is {fingerprint[:12]}…).",
                 "Use the model the mask was found on, or pass --allow-different-weights "
                 "(for the random-reinitialisation baseline).",
             )
+        theirs_digests = self.meta.get("theta0")
+        if digests and isinstance(theirs_digests, dict):
+            differ = sorted(k for k in digests.keys() & theirs_digests.keys()
+                            if digests[k] != theirs_digests[k])
+            if differ:
+                raise TicketlabError(
+                    f"The {source} was found on a θ0 whose {len(differ)} tensor(s) differ from "
+                    f"this model's (e.g. {', '.join(differ[:3])}): the same encoder matrices "
+                    "but other embeddings, norms or pooler — or a randomly initialised weight "
+                    "drawn under another seed.",
+                    "Use the model (and, for --prune-missing-weights, the seed) the mask was "
+                    "found with, or pass --allow-different-weights.")
 
     def for_params(self, params: dict[str, torch.Tensor]) -> Mask:
         """The mask restricted to ``params``' names; entries it lacks (a pooler) stay dense."""
@@ -178,19 +196,27 @@ class Mask:
                 f"Mask file {path} does not match its own checksum: it was modified or damaged.",
                 "Restore the original file or re-run the level that wrote it.",
             )
-        shapes = meta.pop("shapes")
-        if set(shapes) != set(packed):
+        shapes = meta.pop("shapes", None)
+        if not isinstance(shapes, dict) or set(shapes) != set(packed):
+            raise bad
+        claimed = meta.get("sparsity")
+        if not isinstance(claimed, int | float) or isinstance(claimed, bool) or not (
+                0.0 <= claimed <= 1.0):  # NaN fails the comparison too
             raise bad
         tensors = {}
         for k, shape in shapes.items():
-            n = int(np.prod(shape))
-            bits = np.unpackbits(packed[k].numpy())[:n]
-            if bits.size != n:
+            if not isinstance(shape, list) or not all(
+                    isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40
+                    for d in shape):
                 raise bad
+            n = int(np.prod(shape, dtype=np.int64))
+            if packed[k].dtype != torch.uint8 or packed[k].numel() != (n + 7) // 8:
+                raise bad  # checked before unpacking: no allocation from a claimed size
+            bits = np.unpackbits(packed[k].numpy())[:n]
             tensors[k] = torch.from_numpy(bits.astype(bool)).reshape(shape)
         derived = ("format", "version", "payload_sha256")
         mask = cls(tensors, {k: v for k, v in meta.items() if k not in derived})
-        if abs(mask.sparsity - float(meta.get("sparsity", mask.sparsity))) > 1e-9:
+        if abs(mask.sparsity - float(claimed)) > 1e-9:
             raise bad
         return mask
 

@@ -6,11 +6,13 @@ from typing import Any
 
 from rich.table import Table
 
+from ticketlab.errors import TicketlabError
+from ticketlab.levels import roles_of
 from ticketlab.models import MatrixStats
 from ticketlab.store import Run
 
-#: The paper's matrix kinds, in the order a BERT layer computes them.
-KIND_ORDER = ("Q", "K", "V", "attn-out", "ffn-in", "ffn-out", "pooler", "other")
+#: The matrix roles, in the order a BERT layer computes them (other families' roles after).
+ROLE_ORDER = ("Q", "K", "V", "attn-out", "ffn-in", "ffn-out", "pooler", "other")
 
 
 def level_records(run: Run) -> list[dict[str, Any]]:
@@ -43,7 +45,7 @@ def levels_table(records: list[dict[str, Any]], tolerance: float = 0.01,
         table.add_column(col, justify="right")
     full = records[0]["score"] if records and records[0]["level"] == 0 else None
     for rec, ok in zip(records, within(records, tolerance), strict=True):
-        pooler = rec["sparsity_by_kind"].get("pooler")
+        pooler = roles_of(rec).get("pooler")
         table.add_row(
             str(rec["level"]), f"{rec['sparsity'] * 100:.1f}%", f"{rec['score'] * 100:.2f}",
             "" if full is None or rec["level"] == 0 else f"{(rec['score'] - full) * 100:+.2f}",
@@ -60,7 +62,13 @@ def runs_table(runs: list[Run], tolerance: float = 0.01) -> Table:
                 f"sparsest within {tolerance*100:g} pt"):
         table.add_column(col, no_wrap=col == "run")
     for run in runs:
-        record = run.read_hparams()
+        try:
+            record = run.read_hparams()
+        except TicketlabError as e:  # listed, not trusted: show says why
+            table.add_row(run.path.name, "invalid", "-", "-", "-", "-", "-",
+                          "hparams.json edited or renamed" if "does not match" in e.problem
+                          else e.problem[:40])
+            continue
         hp = record["hparams"]
         hp = hp.get("finetune", hp)
         records = level_records(run)

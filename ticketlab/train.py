@@ -10,12 +10,12 @@ placement, bf16/fp16 autocast, DDP and TensorBoard/W&B trackers.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,37 +25,34 @@ from torch.utils.data import DataLoader, Dataset
 
 from ticketlab import faults
 from ticketlab.errors import TicketlabError
-from ticketlab.hparams import TrainHparams
+from ticketlab.hparams import Runtime, TrainHparams
 from ticketlab.masks import Mask
 from ticketlab.tasks.base import Task, default_batch_outputs
 
-#: Feature keys the model's forward accepts; anything else (offsets, example ids) stays out.
+__all__ = ["FeatureDataset", "Runtime", "TrainResult", "evaluate", "planned_steps", "predict",
+           "train"]
+
+#: The text tasks' model inputs (``Task.feature_keys``' default); anything else a task keeps in
+#: its features (offsets, example ids) stays out of the batches.
 MODEL_INPUT_KEYS = (
     "input_ids", "attention_mask", "token_type_ids", "labels", "start_positions", "end_positions",
 )
 
 
-@dataclass(frozen=True)
-class Runtime:
-    """How to run, not what to compute: none of this is part of a run's identity."""
-
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "no"  # no | bf16 | fp16
-    report_to: str = "none"  # none | tensorboard | wandb
-    log_dir: Path | None = None
-    progress: bool = True
-    save_weights: bool = True  # store each level's trained weights (needed to export them)
-
-
 class FeatureDataset(Dataset):
-    """A dict of equal-length lists, served one example (a dict) at a time."""
+    """A dict of equal-length sequences (lists, arrays or tensors), served one example (a
+    dict) at a time. ``keys`` are the task's model inputs (``Task.feature_keys``); anything
+    else a task keeps in its features (offsets, example ids) stays out. ``length_key`` names
+    the feature whose length sorts and groups examples (token ids); None: fixed-size inputs."""
 
-    def __init__(self, features: dict[str, list], keys: tuple[str, ...] = MODEL_INPUT_KEYS):
+    def __init__(self, features: dict[str, Any], keys: tuple[str, ...] = MODEL_INPUT_KEYS,
+                 length_key: str | None = "input_ids") -> None:
         self.features = {k: v for k, v in features.items() if k in keys}
         lengths = {len(v) for v in self.features.values()}
         if len(lengths) != 1:
             raise ValueError(f"feature lists differ in length: {lengths}")
         self.n = lengths.pop()
+        self.length_key = length_key if length_key in self.features else None
 
     def __len__(self) -> int:
         return self.n
@@ -63,8 +60,14 @@ class FeatureDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         return {k: v[i] for k, v in self.features.items()}
 
+    @property
+    def has_lengths(self) -> bool:
+        return self.length_key is not None
+
     def lengths(self) -> list[int]:
-        return [len(x) for x in self.features["input_ids"]]
+        if self.length_key is None:
+            return [1] * self.n
+        return [len(x) for x in self.features[self.length_key]]
 
 
 def _forward_keys(model: nn.Module) -> set[str]:
@@ -167,6 +170,69 @@ def _optimizer(model: nn.Module, hp: TrainHparams) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, lr=hp.lr)
 
 
+class MaskEnforcer:
+    """Holds the pruned weights at exactly zero: masks as float tensors on the device, paired
+    with the live parameters, so the hot path is two fused multiplies per step — one on the
+    gradients (before clipping, so pruned weights never eat the clipping budget), one on the
+    weights after the optimizer step (a safety net against optimizers that move zeros)."""
+
+    def __init__(self, prunable: dict[str, nn.Parameter], mask: Mask | None,
+                 device: torch.device) -> None:
+        self.params: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        if mask is not None:
+            for name, p in prunable.items():
+                if name in mask.tensors:
+                    self.params.append(p)
+                    self.values.append(mask.tensors[name].to(device=device, dtype=p.dtype))
+
+    def zero_weights(self) -> None:
+        if self.params:
+            with torch.no_grad():
+                torch._foreach_mul_(self.params, self.values)
+
+    def zero_grads(self) -> None:
+        live = [(p.grad, m) for p, m in zip(self.params, self.values, strict=True)
+                if p.grad is not None]
+        if live:
+            torch._foreach_mul_([g for g, _ in live], [m for _, m in live])
+
+
+def _loader(dataset: FeatureDataset, hp: TrainHparams, seed: int,
+            collator: Callable[[list[dict[str, Any]]], dict[str, Any]]) -> DataLoader:
+    """Batches of ``hp.batch_size`` in a seeded order: length-grouped (transformers'
+    ``LengthGroupedSampler``: much less padding) when asked and the data has lengths."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    generator = torch.Generator().manual_seed(seed)
+    if hp.group_by_length and dataset.has_lengths:
+        sampler: Any = LengthGroupedSampler(hp.batch_size, lengths=dataset.lengths(),
+                                            generator=generator)
+    else:
+        sampler = torch.utils.data.RandomSampler(dataset, generator=generator)
+    return DataLoader(dataset, batch_size=hp.batch_size, sampler=sampler, collate_fn=collator)
+
+
+def micro_batches(batch: dict[str, Any], parts: int) -> list[tuple[dict[str, Any], float]]:
+    """Split a batch into ``parts`` micro-batches with the share of the examples each holds
+    (the last batch of an epoch may be smaller). One part: the batch itself, share 1."""
+    if parts == 1:
+        return [(batch, 1.0)]
+    size = len(next(iter(batch.values())))
+    bounds = [round(i * size / parts) for i in range(parts + 1)]
+    return [({k: v[a:b] for k, v in batch.items()}, (b - a) / size)
+            for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+
+
+def _check_finite(value: float, step: int, lr: float) -> None:
+    if not math.isfinite(value):
+        raise TicketlabError(
+            f"The training loss became {value} at step {step} (learning rate {lr:.3g}).",
+            "Lower --lr, use --precision no, or check the data for broken labels; "
+            "finished levels are kept and the run resumes from this level.",
+        )
+
+
 def train(
     model: nn.Module,
     prunable: dict[str, nn.Parameter],
@@ -181,35 +247,40 @@ def train(
     description: str = "train",
     tracker_name: str | None = None,
     forward: Callable[[nn.Module, dict[str, Any]], Any] | None = None,
+    method: Any = None,
+    hooks: tuple[Any, ...] = (),
+    feature_keys: tuple[str, ...] = MODEL_INPUT_KEYS,
+    length_key: str | None = "input_ids",
 ) -> TrainResult:
     """Fine-tune ``model`` with the pruned weights of ``mask`` held at exactly zero.
 
     A fresh AdamW and a fresh linear schedule every call (IMP's "retrain from the rewind point").
-    ``on_step(step, model)`` runs after every optimizer step (1-based) — IMP uses it to snapshot
-    θ_i for rewinding. ``forward(model, batch)`` is the task's forward pass (``Task.forward``;
-    default ``model(**batch)``); its output's ``.loss`` is minimised.
+    One optimizer step: the training ``method`` (:mod:`ticketlab.methods`; default standard)
+    computes the loss of each micro-batch and back-propagates it; the pruned weights' gradients
+    are zeroed; every ``hooks`` entry's ``after_backward(step)`` reads the gradients (a pruning
+    criterion's statistics); gradients are clipped; the optimizer steps; the pruned weights are
+    re-zeroed; ``on_step(step, model)`` runs (IMP snapshots θ_i there). ``forward(model,
+    batch)`` is the task's forward pass (``Task.forward``; default ``model(**batch)``).
     """
     from transformers import get_linear_schedule_with_warmup
-    from transformers.trainer_pt_utils import LengthGroupedSampler
 
-    dataset = FeatureDataset(features)
+    from ticketlab.methods import StandardTraining
+
+    method = method or StandardTraining()
+    forward = forward or _call
+    dataset = FeatureDataset(features, feature_keys, length_key)
     if len(dataset) == 0:
         raise TicketlabError("The training split is empty.", "Check the data and sample limits.")
     accelerator = get_accelerator(runtime)
-    if hp.batch_size % accelerator.num_processes:
+    if hp.batch_size % (accelerator.num_processes * hp.gradient_accumulation_steps):
         raise TicketlabError(
             f"--batch-size {hp.batch_size} is the global batch and must split evenly over "
-            f"{accelerator.num_processes} processes.",
-            f"Use a multiple of {accelerator.num_processes}.",
+            f"{accelerator.num_processes} processes × {hp.gradient_accumulation_steps} "
+            "micro-batches.",
+            f"Use a multiple of {accelerator.num_processes * hp.gradient_accumulation_steps}.",
         )
     torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    if hp.group_by_length:
-        sampler: Any = LengthGroupedSampler(hp.batch_size, lengths=dataset.lengths(),
-                                            generator=generator)
-    else:
-        sampler = torch.utils.data.RandomSampler(dataset, generator=generator)
-    loader = DataLoader(dataset, batch_size=hp.batch_size, sampler=sampler, collate_fn=collator)
+    loader = _loader(dataset, hp, seed, collator)
     optimizer = _optimizer(model, hp)
     total = planned_steps(len(dataset), hp)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(hp.warmup_ratio * total), total)
@@ -219,18 +290,8 @@ def train(
     else:
         model = accelerator.prepare_model(model)
     device = accelerator.device
-
-    # Masks as float tensors on the device, paired with the live parameters: the hot path is two
-    # fused multiplies per step (one on gradients, one on weights).
-    masked_params: list[torch.Tensor] = []
-    masked_values: list[torch.Tensor] = []
-    if mask is not None:
-        for name, p in prunable.items():
-            if name in mask.tensors:
-                masked_params.append(p)
-                masked_values.append(mask.tensors[name].to(device=device, dtype=p.dtype))
-        with torch.no_grad():
-            torch._foreach_mul_(masked_params, masked_values)
+    enforcer = MaskEnforcer(prunable, mask, device)
+    enforcer.zero_weights()
 
     if tracker_name and accelerator.log_with:
         accelerator.init_trackers(tracker_name, config={"lr": hp.lr, "batch_size": hp.batch_size})
@@ -242,38 +303,22 @@ def train(
         while step < total:
             for batch in loader:
                 batch = {k: v.to(device) for k, v in batch.items() if k in accepted}
-                loss = (forward(model, batch) if forward else model(**batch)).loss
-                value = loss.item()
-                if not math.isfinite(value):
-                    raise TicketlabError(
-                        f"The training loss became {value} at step {step + 1} "
-                        f"(learning rate {scheduler.get_last_lr()[0]:.3g}).",
-                        "Lower --lr, use --precision no, or check the data for broken labels; "
-                        "finished levels are kept and the run resumes from this level.",
-                    )
-                accelerator.backward(loss)
-                if masked_params:
-                    live = [(p.grad, m) for p, m in zip(masked_params, masked_values, strict=True)
-                            if p.grad is not None]
-                    if live:
-                        torch._foreach_mul_([g for g, _ in live], [m for _, m in live])
+                value = _optimizer_step(model, batch, forward, method, accelerator, hp)
+                _check_finite(value, step + 1, scheduler.get_last_lr()[0])
+                enforcer.zero_grads()
+                for hook in hooks:
+                    hook.after_backward(step + 1)
                 if hp.max_grad_norm and hp.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), hp.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                if masked_params:
-                    with torch.no_grad():
-                        torch._foreach_mul_(masked_params, masked_values)
+                enforcer.zero_weights()
                 step += 1
-                seen += batch["input_ids"].shape[0]
+                seen += len(next(iter(batch.values())))
                 loss_sum += value
                 progress.update(bar, advance=1, info=f"loss {value:.4f}")
-                if not runtime.progress and accelerator.is_main_process and (
-                        step % max(1, total // 10) == 0 or step == total):
-                    # a log line every 10 % for runs without a terminal (nohup, CI, clusters)
-                    print(f"{description}: step {step}/{total}  loss {value:.4f}  "
-                          f"{(time.perf_counter() - start) / step:.2f} s/step", flush=True)
+                _log_line(runtime, accelerator, description, step, total, value, start)
                 faults.checkpoint("step")
                 if accelerator.log_with:
                     accelerator.log({"train/loss": value,
@@ -291,6 +336,35 @@ def train(
                        examples_per_second=seen / max(seconds, 1e-9))
 
 
+def _call(model: nn.Module, batch: dict[str, Any]) -> Any:
+    return model(**batch)
+
+
+def _optimizer_step(model: nn.Module, batch: dict[str, Any], forward: Callable[..., Any],
+                    method: Any, accelerator: Any, hp: TrainHparams) -> float:
+    """Back-propagate one batch through the training method, in ``gradient_accumulation_steps``
+    micro-batches (each loss weighted by its share of the examples); returns the batch loss."""
+    parts = micro_batches(batch, hp.gradient_accumulation_steps)
+    value = 0.0
+    for i, (micro, share) in enumerate(parts):
+        def backward(loss: torch.Tensor, share: float = share) -> None:
+            accelerator.backward(loss if share == 1.0 else loss * share)
+
+        sync = contextlib.nullcontext() if i == len(parts) - 1 else accelerator.no_sync(model)
+        with sync:
+            value += method.step(model, micro, forward, backward) * share
+    return value
+
+
+def _log_line(runtime: Runtime, accelerator: Any, description: str, step: int, total: int,
+              value: float, start: float) -> None:
+    """A log line every 10 % for runs without a terminal (nohup, CI, clusters)."""
+    if not runtime.progress and accelerator.is_main_process and (
+            step % max(1, total // 10) == 0 or step == total):
+        print(f"{description}: step {step}/{total}  loss {value:.4f}  "
+              f"{(time.perf_counter() - start) / step:.2f} s/step", flush=True)
+
+
 @torch.no_grad()
 def predict(
     model: nn.Module,
@@ -306,12 +380,12 @@ def predict(
     Batches are formed from length-sorted examples (much less padding), then put back in order;
     outputs with a sequence axis (QA logits) are padded to the longest batch.
     """
-    dataset = FeatureDataset(features)
+    dataset = FeatureDataset(features, task.feature_keys, task.length_key)
     if len(dataset) == 0:
         raise TicketlabError("The evaluation split is empty.", "Check the data and sample limits.")
     device = next(model.parameters()).device
     lengths = dataset.lengths()
-    order = sorted(range(len(dataset)), key=lambda i: -lengths[i])
+    order = sorted(range(len(dataset)), key=lambda i: -lengths[i])  # stable: fixed-size stays
     reduce = getattr(task, "batch_outputs", None)
     accepted = _forward_keys(model)
     model.eval()

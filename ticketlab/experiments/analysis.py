@@ -19,7 +19,7 @@ from pathlib import Path
 from ticketlab.errors import TicketlabError
 from ticketlab.masks import Mask
 from ticketlab.models import layer_of, role_of
-from ticketlab.report import KIND_ORDER
+from ticketlab.report import ROLE_ORDER
 from ticketlab.store import Run, atomic_write_bytes, atomic_write_json, find_run
 
 
@@ -42,7 +42,7 @@ def sparsity_grid(mask: Mask) -> tuple[list[str], list[str], list[list[float]]]:
     """(kinds, layers, sparsity[kind][layer]) with NaN where a kind has no matrix in a layer."""
     per = {(role_of(n), layer_label(n)): 1 - float(t.float().mean())
            for n, t in mask.tensors.items()}
-    kinds = [k for k in KIND_ORDER if any(r == k for r, _ in per)]
+    kinds = [k for k in ROLE_ORDER if any(r == k for r, _ in per)]
     layers = sorted({lab for _, lab in per}, key=lambda s: (not s.isdigit(), int(s)
                                                             if s.isdigit() else 0, s))
     grid = [[per.get((k, lab), float("nan")) for lab in layers] for k in kinds]

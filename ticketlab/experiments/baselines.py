@@ -33,79 +33,62 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from rich.console import Console
 
 from ticketlab import __version__ as VERSION
 from ticketlab.errors import TicketlabError
-from ticketlab.experiment import Setup, prepare
-from ticketlab.experiments.common import full_key, train_subnetwork, with_seed
-from ticketlab.hparams import RunHparams
-from ticketlab.imp import _level_record, _load_tensors, _save_tensors, run_lock
-from ticketlab.masks import Mask
-from ticketlab.models import layer_of
+from ticketlab.experiments.common import with_seed
+from ticketlab.hparams import RunHparams, Runtime
 from ticketlab.pruning import prune, random_mask_like
 from ticketlab.store import Run
-from ticketlab.train import Runtime
 
-#: Baseline kind -> one line for tables and ``--help``.
-BASELINE_KINDS: dict[str, str] = {
-    "random": "random pruning (global random mask, same overall sparsity) of θ0",
-    "layerwise-random": "random mask with the IMP mask's per-matrix sparsity, on θ0",
-    "random-reinit": "IMP mask on re-initialised weights θ0'",
-    "shuffle": "IMP mask on θ0'' (θ0 permuted within each matrix)",
-    "shuffle-layers": "IMP mask on θ0 with whole layers permuted",
-    "one-shot": "one-shot magnitude pruning of θ0",
-    "standard": "standard pruning: prune the fine-tuned model, keep training",
-}
+if TYPE_CHECKING:  # the registry below is read by --help, which must not import torch
+    import torch
 
-#: Short names for tables.
-KIND_LABELS: dict[str, str] = {
-    "random": "Random pruning",
-    "layerwise-random": "Layerwise random pruning",
-    "random-reinit": "Random reinit (θ0')",
-    "shuffle": "Shuffled weights (θ0'')",
-    "shuffle-layers": "Shuffled layers",
-    "one-shot": "One-shot pruning of θ0",
-    "standard": "Standard pruning",
-}
+    from ticketlab.masks import Mask
+    from ticketlab.prepare import Setup
+
+#: A baseline's starting point: (setup, the IMP level's mask, seed, the IMP run) -> (mask,
+#: full starting state, extra record fields).
+Start = Callable[["Setup", "Mask", int, Run, Runtime],
+                 "tuple[Mask, dict[str, torch.Tensor], dict[str, Any]]"]
 
 
-def check_kind(kind: str) -> str:
-    if kind not in BASELINE_KINDS:
-        close = difflib.get_close_matches(kind, BASELINE_KINDS, n=2, cutoff=0.5)
-        hint = f"did you mean {' or '.join(close)}? " if close else ""
-        raise TicketlabError(f"Unknown baseline kind {kind!r}.",
-                             f"{hint}Use one of: {', '.join(BASELINE_KINDS)}.")
-    return kind
+@dataclass(frozen=True)
+class Baseline:
+    """One baseline kind: its table label, its help line, how it starts, and how many
+    trainings it costs (``standard`` trains the full model first unless that is stored)."""
+
+    kind: str
+    label: str
+    help: str
+    start: Start
+    trainings: int = 1
 
 
 # --- the defining transformations (pure: mask and starting weights) ---------------------------
 def reinitialised_weights(setup: Setup, seed: int) -> dict[str, torch.Tensor]:
-    """θ0': the prunable matrices as the model's own ``__init__`` draws them under ``seed``.
-
-    A fresh model of the same class and config is built, so the initialiser is the config's
-    (``initializer_range`` for BERT), whatever the family; transformers skips weights loaded
-    from a checkpoint in ``init_weights()``, so re-initialising in place would be a no-op.
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        fresh = type(setup.model)(setup.model.config)
-    fresh_params = dict(fresh.base_model.named_parameters())
-    return {name: fresh_params[name].detach().clone() for name in setup.prunable}
+    """θ0': the prunable matrices as the model's own initialiser draws them under ``seed``
+    (the family builds a fresh model of the same class and config)."""
+    return setup.family.reinitialised(setup.model, list(setup.prunable), seed)
 
 
 def shuffled_weights(setup: Setup, seed: int, layers: bool = False) -> dict[str, torch.Tensor]:
     """θ0'': each prunable matrix of θ0 with its entries randomly permuted, or (``layers``)
     every matrix of layer i replaced by the same matrix of layer σ(i) for a random σ."""
+    import torch
+
     g = torch.Generator().manual_seed(seed)
-    theta0 = {name: setup.theta0[full_key(setup, name)] for name in setup.prunable}
+    theta0 = {name: setup.theta0[setup.full_key(name)] for name in setup.prunable}
     if not layers:
         return {name: w.reshape(-1)[torch.randperm(w.numel(), generator=g)].reshape(w.shape)
                 for name, w in theta0.items()}
+    layer_of = setup.family.layer_of
     indices = sorted({i for n in theta0 if (i := layer_of(n)) is not None})
     order = torch.randperm(len(indices), generator=g).tolist()
     sigma = {i: indices[j] for i, j in zip(indices, order, strict=True)}
@@ -113,49 +96,114 @@ def shuffled_weights(setup: Setup, seed: int, layers: bool = False) -> dict[str,
     for name in theta0:
         i = layer_of(name)
         source = name if i is None else re.sub(rf"\.{i}\.", f".{sigma[i]}.", name, count=1)
-        out[name] = theta0[source].clone()
+        out[name] = theta0[source].clone() if source in theta0 and \
+            theta0[source].shape == theta0[name].shape else theta0[name].clone()
     return out
 
 
 def one_shot_mask(weights: dict[str, torch.Tensor], sparsity: float, method: str = "global",
                   seed: int = 0) -> Mask:
-    """Magnitude pruning of ``weights`` (θ0) straight to ``sparsity``, with IMP's ranking."""
+    """Magnitude pruning of ``weights`` (θ0) straight to ``sparsity``, with IMP's ranking
+    (a criterion that needs training statistics falls back to magnitude: there was no
+    training)."""
+    from ticketlab.masks import Mask
+    from ticketlab.pruning import criterion
+
+    if criterion(method).collector is not None:
+        method = "global"
     return prune(weights, Mask.ones_like(weights), sparsity, method, seed=seed)
 
 
-def baseline_start(kind: str, setup: Setup, imp_mask: Mask, seed: int
-                   ) -> tuple[Mask, dict[str, torch.Tensor]]:
-    """The mask and the full starting state of a baseline that starts before fine-tuning.
+def _theta0(setup: Setup) -> dict[str, torch.Tensor]:
+    return dict(setup.theta0)
 
-    ``imp_mask`` is the IMP level's mask; the returned state is θ0 (with the seed's head γ0)
-    where the kind changes nothing. ``standard`` starts after fine-tuning: see
-    :func:`standard_mask`.
-    """
-    check_kind(kind)
-    imp_mask = imp_mask.for_params(setup.prunable)
-    state = dict(setup.theta0)
-    if kind == "random":
-        return random_mask_like(imp_mask, seed=seed), state
-    if kind == "layerwise-random":
-        return random_mask_like(imp_mask, seed=seed, layerwise=True), state
-    if kind == "one-shot":
-        theta0 = {n: state[full_key(setup, n)] for n in setup.prunable}
-        return one_shot_mask(theta0, imp_mask.sparsity, setup.hp.prune.method, seed), state
-    if kind == "random-reinit":
-        new = reinitialised_weights(setup, seed)
-    elif kind in ("shuffle", "shuffle-layers"):
-        new = shuffled_weights(setup, seed, layers=kind == "shuffle-layers")
-    else:
-        raise TicketlabError(f"Baseline {kind!r} does not start from θ0.", "Internal error.")
-    state.update({full_key(setup, n): w for n, w in new.items()})
-    return imp_mask, state
+
+def _with_weights(setup: Setup, new: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    state = _theta0(setup)
+    state.update({setup.full_key(n): w for n, w in new.items()})
+    return state
+
+
+def _random(setup: Setup, imp: Mask, seed: int, run: Run, rt: Runtime) -> Any:
+    return random_mask_like(imp, seed=seed), _theta0(setup), {}
+
+
+def _layerwise_random(setup: Setup, imp: Mask, seed: int, run: Run, rt: Runtime) -> Any:
+    return random_mask_like(imp, seed=seed, layerwise=True), _theta0(setup), {}
+
+
+def _reinit(setup: Setup, imp: Mask, seed: int, run: Run, rt: Runtime) -> Any:
+    return imp, _with_weights(setup, reinitialised_weights(setup, seed)), {}
+
+
+def _shuffle(setup: Setup, imp: Mask, seed: int, run: Run, rt: Runtime) -> Any:
+    return imp, _with_weights(setup, shuffled_weights(setup, seed)), {}
+
+
+def _shuffle_layers(setup: Setup, imp: Mask, seed: int, run: Run, rt: Runtime) -> Any:
+    return imp, _with_weights(setup, shuffled_weights(setup, seed, layers=True)), {}
+
+
+def _one_shot(setup: Setup, imp: Mask, seed: int, run: Run, rt: Runtime) -> Any:
+    theta0 = {n: setup.theta0[setup.full_key(n)] for n in setup.prunable}
+    return one_shot_mask(theta0, imp.sparsity, setup.hp.prune.method, seed), _theta0(setup), {}
 
 
 def standard_mask(setup: Setup, trained: dict[str, torch.Tensor], sparsity: float,
                   seed: int) -> Mask:
     """Standard pruning's mask: the magnitudes of the *fine-tuned* weights, pruned in one shot."""
-    weights = {n: trained[full_key(setup, n)] for n in setup.prunable}
+    weights = {n: trained[setup.full_key(n)] for n in setup.prunable}
     return one_shot_mask(weights, sparsity, setup.hp.prune.method, seed)
+
+
+def _standard(setup: Setup, imp: Mask, seed: int, run: Run, rt: Runtime) -> Any:
+    trained, seconds = fine_tuned_full_model(run, setup, seed, rt)
+    return (standard_mask(setup, trained, imp.sparsity, seed), trained,
+            {"dense_seconds": seconds})
+
+
+#: kind -> baseline. What each isolates is in the module docstring; ``--help`` and the tables
+#: read their text from here.
+BASELINES: dict[str, Baseline] = {b.kind: b for b in (
+    Baseline("random", "Random pruning",
+             "random pruning (global random mask, same overall sparsity) of θ0", _random),
+    Baseline("layerwise-random", "Layerwise random pruning",
+             "random mask with the IMP mask's per-matrix sparsity, on θ0", _layerwise_random),
+    Baseline("random-reinit", "Random reinit (θ0')", "IMP mask on re-initialised weights θ0'",
+             _reinit),
+    Baseline("shuffle", "Shuffled weights (θ0'')",
+             "IMP mask on θ0'' (θ0 permuted within each matrix)", _shuffle),
+    Baseline("shuffle-layers", "Shuffled layers", "IMP mask on θ0 with whole layers permuted",
+             _shuffle_layers),
+    Baseline("one-shot", "One-shot pruning of θ0", "one-shot magnitude pruning of θ0",
+             _one_shot),
+    Baseline("standard", "Standard pruning",
+             "standard pruning: prune the fine-tuned model, keep training", _standard,
+             trainings=2),
+)}
+
+#: Kind -> one line for tables and ``--help`` (read from :data:`BASELINES`).
+BASELINE_KINDS: dict[str, str] = {k: b.help for k, b in BASELINES.items()}
+#: Kind -> short table label.
+KIND_LABELS: dict[str, str] = {k: b.label for k, b in BASELINES.items()}
+
+
+def check_kind(kind: str) -> str:
+    if kind not in BASELINES:
+        close = difflib.get_close_matches(kind, BASELINES, n=2, cutoff=0.5)
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        raise TicketlabError(f"Unknown baseline kind {kind!r}.",
+                             f"{hint}Use one of: {', '.join(BASELINES)}.")
+    return kind
+
+
+def baseline_start(kind: str, setup: Setup, imp_mask: Mask, seed: int, run: Run | None = None,
+                   runtime: Runtime | None = None) -> tuple[Mask, dict[str, torch.Tensor]]:
+    """The mask and the full starting state of a baseline (θ0 with the seed's head γ0 where
+    the kind changes nothing)."""
+    mask, state, _ = BASELINES[check_kind(kind)].start(
+        setup, imp_mask.for_params(setup.prunable), seed, run, runtime or Runtime())
+    return mask, state
 
 
 # --- branches in the store --------------------------------------------------------------------
@@ -164,7 +212,8 @@ def branch_path(run: Run, kind: str, level: int, seed: int) -> Path:
 
 
 def imp_run_hparams(run: Run) -> tuple[RunHparams, dict[str, Any]]:
-    """The hparams of an IMP run (refusing other kinds of run) and its hparams.json record."""
+    """The hparams of an IMP run (refusing other kinds of run) and its hparams.json record
+    (checked against the run's name by :meth:`Run.read_hparams`)."""
     record = run.read_hparams()
     if record.get("kind") != "imp":
         raise TicketlabError(
@@ -176,6 +225,8 @@ def imp_run_hparams(run: Run) -> tuple[RunHparams, dict[str, Any]]:
 
 def imp_mask_at(run: Run, level: int) -> Mask:
     """The IMP mask of ``level``: written when level ``level - 1`` finished."""
+    from ticketlab.masks import Mask
+
     if level < 1:
         raise TicketlabError(f"Level {level} of {run.path.name} is the full model, not a "
                              "subnetwork.", "Pick a pruned level (1 or more).")
@@ -203,8 +254,12 @@ def run_branch(
     console: Console | None = None,
 ) -> Run:
     """Train (or find stored) the ``kind`` baseline at ``level`` of IMP run ``run``."""
+    from ticketlab.imp import check_theta0
+    from ticketlab.levels import LevelPlan, run_level
+    from ticketlab.prepare import prepare
+
     console = console or Console()
-    check_kind(kind)
+    baseline = BASELINES[check_kind(kind)]
     hp, record = imp_run_hparams(run)
     imp_mask = imp_mask_at(run, level)
     branch = Run(branch_path(run, kind, level, seed))
@@ -213,52 +268,41 @@ def run_branch(
         return branch
     hp = with_seed(hp, seed)
     setup = prepare(hp)  # validated before the branch directory is touched
-    if record.get("fingerprint") != setup.fingerprint:
-        raise TicketlabError(
-            f"The model's weights changed since run {run.path.name} was made "
-            "(θ0 fingerprint differs).", "Use the model files the run was made with.")
-    imp_mask.check_compatible(setup.prunable, setup.fingerprint, source=f"level {level} mask")
-    with run_lock(branch):
+    check_theta0(record, setup, f"run {run.path.name}")
+    imp_mask.check_compatible(setup.prunable, setup.fingerprint, source=f"level {level} mask",
+                              digests=setup.digests)
+    with branch.lock():
         branch.create({"branch": kind, "level": level, "seed": seed, "run": run.path.name,
                        "run_hparams": record["hparams"]},
                       {"kind": "branch", "ticketlab_version": VERSION,
-                       "fingerprint": setup.fingerprint,
-                       "main_metric": setup.task.main_metric})
-        extra: dict[str, Any] = {}
-        desc = f"{kind} level {level} seed {seed}"
-        if kind == "standard":
-            trained, extra["dense_seconds"] = _fine_tuned_full_model(run, setup, seed, runtime)
-            mask, start = standard_mask(setup, trained, imp_mask.sparsity, seed), trained
-        else:
-            mask, start = baseline_start(kind, setup, imp_mask, seed)
-        metrics, result, eval_seconds = train_subnetwork(setup, mask, start, runtime, desc)
-        d = branch.level_dir(level)
-        meta = {"task": hp.data.task, "level": level, "fingerprint": setup.fingerprint,
-                "model": hp.model.model, "run": run.path.name, "branch": kind, "seed": seed}
-        mask.save(d / "mask.safetensors", meta)
-        _save_tensors(d / "head.safetensors",
-                      {k: setup.model.state_dict()[k] for k in setup.head_names()})
-        files = ["mask.safetensors", "head.safetensors"]
-        if runtime.save_weights:
-            _save_tensors(d / "model.safetensors", setup.model.state_dict())
-            files.append("model.safetensors")
-        rec = _level_record(setup, level, imp_mask.sparsity, mask, metrics, result, eval_seconds)
-        rec["train"].update(extra)
-        rec["branch"] = {"kind": kind, "seed": seed, "run": run.path.name}
-        branch.finish_level(level, rec, files)
+                       "fingerprint": setup.fingerprint, "theta0": setup.digests,
+                       "family": setup.family.name, "main_metric": setup.task.main_metric})
+        mask, start, extra = baseline.start(setup, imp_mask.for_params(setup.prunable), seed,
+                                            run, runtime)
+        branch_info = {"kind": kind, "seed": seed, "run": run.path.name}
+        plan = LevelPlan(level=level, mask=mask, start=start, target=imp_mask.sparsity,
+                         description=f"{kind} level {level} seed {seed}",
+                         mask_meta={"task": hp.data.task, "level": level, "run": run.path.name,
+                                    "branch": kind, "seed": seed},
+                         extra={"branch": branch_info}, train_extra=extra)
+        rec = run_level(setup, branch, plan, runtime)
         _print_branch(console, rec)
     return branch
 
 
-def _fine_tuned_full_model(run: Run, setup: Setup, seed: int, runtime: Runtime
-                           ) -> tuple[dict[str, torch.Tensor], float]:
+def fine_tuned_full_model(run: Run, setup: Setup, seed: int, runtime: Runtime
+                          ) -> tuple[dict[str, torch.Tensor], float]:
     """θ_T of the full model for this seed: the run's stored level 0 when it is the same
     computation (same seed, weights saved), else fine-tuned here. Returns (state, seconds)."""
+    from ticketlab.levels import load_tensors, train_and_evaluate
+    from ticketlab.masks import Mask
+
     stored = run.level_dir(0) / "model.safetensors"
     if _run_seed(run) == seed and run.level_done(0) and stored.is_file():
-        return _load_tensors(stored, "Level 0 weights"), 0.0
-    _, result, _ = train_subnetwork(setup, Mask.ones_like(setup.prunable), dict(setup.theta0),
-                                    runtime, f"standard: full model seed {seed}")
+        return load_tensors(stored, "Level 0 weights"), 0.0
+    _, result, _, _ = train_and_evaluate(setup, Mask.ones_like(setup.prunable),
+                                         dict(setup.theta0), runtime,
+                                         f"standard: full model seed {seed}")
     state = {k: v.detach().clone() for k, v in setup.model.state_dict().items()}
     return state, result.seconds
 
@@ -269,7 +313,7 @@ def _run_seed(run: Run) -> int:
 
 def branch_records(run: Run) -> list[dict[str, Any]]:
     """The finished branches of an IMP run: their level records (with ``branch``)."""
-    out = []
+    out: list[dict[str, Any]] = []
     folder = run.path / "branches"
     if not folder.is_dir():
         return out

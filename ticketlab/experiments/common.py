@@ -6,22 +6,17 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from rich.console import Console
 
 from ticketlab.errors import TicketlabError
-from ticketlab.experiment import Setup
 from ticketlab.hparams import RunHparams, stable_hash
-from ticketlab.masks import Mask
 from ticketlab.pruning import level_sparsity
 from ticketlab.store import Run, list_runs
-from ticketlab.train import Runtime, TrainResult, evaluate, train
 
 
 def quiet_console() -> Console:
@@ -74,35 +69,6 @@ def level_of_sparsity(hp: RunHparams, sparsity: float, tolerance: float = 5e-3) 
     return best
 
 
-# --- training a given mask from given weights -------------------------------------------------
-def train_subnetwork(
-    setup: Setup,
-    mask: Mask,
-    start: dict[str, torch.Tensor],
-    runtime: Runtime,
-    description: str,
-) -> tuple[dict[str, float], TrainResult, float]:
-    """Fine-tune ``mask ⊙ start`` with the setup's data and hparams; return (metrics, training
-    result, eval seconds). The generalisation of IMP's level that every baseline needs: the
-    same loop, the same masking rules, from weights other than θ0."""
-    setup.model.load_state_dict(start)
-    mask = mask.for_params(setup.prunable)
-    mask.apply_(setup.prunable)
-    hp = setup.hp
-    result = train(setup.model, setup.prunable, mask, setup.train_features, setup.collator,
-                   hp.train, runtime, seed=hp.train.seed, description=description,
-                   forward=setup.task.forward)
-    t0 = time.perf_counter()
-    metrics = evaluate(setup.model, setup.task, setup.eval_sets, setup.collator,
-                       hp.train.eval_batch_size, runtime)
-    return metrics, result, time.perf_counter() - t0
-
-
-def full_key(setup: Setup, name: str) -> str:
-    """State-dict key of a base-model-relative prunable name (``bert.`` + name)."""
-    return f"{setup.model.base_model_prefix}.{name}"
-
-
 # --- mean ± std over seeds --------------------------------------------------------------------
 @dataclass(frozen=True)
 class Stats:
@@ -141,7 +107,7 @@ def chance_score(hp: RunHparams) -> float | None:
 
     import numpy as np
 
-    from ticketlab.experiment import data_source, train_subset
+    from ticketlab.prepare import data_source, train_subset
     from ticketlab.tasks import get_task
 
     try:

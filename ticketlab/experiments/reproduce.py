@@ -50,11 +50,11 @@ from ticketlab.experiments.sweep import PARTS, Cell, PartReport, Spec, run_sweep
 from ticketlab.experiments.transfer import (
     ONE_SHOT,
     collect_transfer,
-    finetune_run,
     one_shot_mask_path,
     source_hparams,
     write_transfer,
 )
+from ticketlab.imp import finetune_run
 from ticketlab.masks import Mask
 from ticketlab.pruning import sparsity_schedule
 from ticketlab.store import Run, atomic_write_bytes, atomic_write_json, read_json
@@ -250,8 +250,8 @@ SST2_MEAN_TOKENS = 13.3
 def step_costs(spec: Spec) -> dict[str, float]:
     """Each task's cost per training step relative to an SST-2 step, from the mean length of
     its tokenised training examples (see :data:`STEP_OVERHEAD_TOKENS`)."""
-    from ticketlab.experiment import data_source, train_subset
     from ticketlab.models import load_tokenizer
+    from ticketlab.prepare import data_source, train_subset
     from ticketlab.tasks import get_task
 
     costs = {}

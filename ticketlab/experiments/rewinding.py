@@ -19,11 +19,11 @@ from typing import Any
 from rich.console import Console
 
 from ticketlab.errors import TicketlabError
-from ticketlab.experiment import data_source
 from ticketlab.experiments.common import Stats, group_of, level_of_sparsity, with_prune, with_seed
 from ticketlab.experiments.matching import summarize_group
 from ticketlab.hparams import RunHparams
 from ticketlab.imp import find_ticket
+from ticketlab.prepare import data_source
 from ticketlab.store import atomic_write_bytes, atomic_write_json
 from ticketlab.tasks import get_task
 from ticketlab.train import Runtime, planned_steps

@@ -6,7 +6,7 @@ A spec is a TOML file::
     root = "runs"                       # run store, relative to this file (or --root)
     description = "Why these settings"  # optional: shown at the top of the reproduce report
 
-    [hparams]                           # any RunHparams field by name, for every task
+    [hparams]                           # any run option, named as its CLI flag, for every task
     model = "minilm"
     data_dir = "../glue"                # relative paths are relative to this file
     lr = 1e-4
@@ -51,8 +51,8 @@ import dataclasses
 import json
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -77,18 +77,11 @@ from ticketlab.experiments.transfer import (
     transfer_cells,
     transfer_score,
 )
-from ticketlab.hparams import (
-    DataHparams,
-    ModelHparams,
-    PruneHparams,
-    RunHparams,
-    TrainHparams,
-)
+from ticketlab.hparams import RunHparams, Runtime, build_hparams, options
 from ticketlab.imp import find_ticket
 from ticketlab.pruning import sparsity_schedule
 from ticketlab.store import Run
 from ticketlab.tasks import get_task
-from ticketlab.train import Runtime
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -98,12 +91,9 @@ else:  # pragma: no cover - Python 3.10
     except ImportError:  # the error says how to fix it when a spec is read
         tomllib = None
 
-#: Flat spec key -> which RunHparams part holds it.
-_PARTS = {"model": ModelHparams, "data": DataHparams, "train": TrainHparams,
-          "prune": PruneHparams}
-HPARAM_KEYS: dict[str, str] = {f.name: part for part, cls in _PARTS.items()
-                               for f in fields(cls) if f.name != "task"}
-_TUPLE_KEYS = {"include", "exclude", "options"}
+#: The keys of [hparams] and [task_hparams.<task>]: exactly the CLI's option names
+#: (``--text-column`` is ``text_column``), from the same declarations.
+HPARAM_KEYS: tuple[str, ...] = tuple(options())
 #: The order parts run in.
 PARTS = ("imp", "rewinding", "baselines", "transfer")
 
@@ -316,22 +306,35 @@ class Spec:
 
     # --- hparams --------------------------------------------------------------------------
     def hparams_for(self, task: str, seed: int) -> RunHparams:
-        """The RunHparams of ``task`` with ``seed``: [hparams], then [task_hparams.<task>]."""
+        """The RunHparams of ``task`` with ``seed``: [hparams], then [task_hparams.<task>],
+        through :func:`~ticketlab.hparams.build_hparams` — the CLI's own path, so keys left
+        out take the task's paper settings exactly as ``ticketlab find --task T`` does."""
         flat = {**self.hparams, **self.task_hparams.get(task, {})}
-        _check_keys(flat, sorted(HPARAM_KEYS), f"[hparams]/[task_hparams.{task}]")
-        parts: dict[str, dict[str, Any]] = {p: {} for p in _PARTS}
-        for key, value in flat.items():
-            if key in _TUPLE_KEYS:
-                value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
-            parts[HPARAM_KEYS[key]][key] = value
-        parts["data"]["task"] = task
-        parts["train"]["seed"] = seed
-        try:
-            return RunHparams(**{p: cls(**parts[p]) for p, cls in _PARTS.items()})
-        except TypeError as e:
-            raise TicketlabError(f"Bad hparams for {task}: {e}.", "Check the value types.") from e
+        _check_keys(flat, HPARAM_KEYS, f"[hparams]/[task_hparams.{task}]")
+        flat["seed"] = seed
+        return build_hparams(task, flat)
 
     # --- cells ----------------------------------------------------------------------------
+    def cell_counts(self) -> dict[str, int]:
+        """Cells per part, counted from the grid's sizes (nothing is read from the store)."""
+        rw, tr = self.rewinding, self.transfer
+        n_seeds = len(self.baseline_seeds or self.seeds)
+        counts = {
+            "imp": len(self.tasks) * len(self.seeds),
+            "rewinding": 0 if rw is None else
+            len(rw["tasks"]) * len(rw["fractions"]) * len(rw["seeds"]),
+            "baselines": len(self.tasks) * len(self.baselines) * len(self.baseline_levels)
+            * n_seeds,
+            "transfer": 0,
+        }
+        if tr is not None:
+            rows = 1 + len(dict.fromkeys([*tr["sources"], *tr["targets"]])) + bool(tr["one_shot"])
+            counts["transfer"] = rows * len(tr["targets"]) * len(tr["seeds"])
+        return counts
+
+    def cell_count(self) -> int:
+        return sum(self.cell_counts().values())
+
     def cells(self, part: str) -> list[Cell]:
         """The cells of one part (baseline levels stay symbolic until they run)."""
         if part == "imp":
@@ -391,7 +394,7 @@ def _section(raw: dict[str, Any], key: str, allowed: list[str]) -> dict[str, Any
 def _resolve_paths(table: dict[str, Any], base: Path | None, where: str) -> dict[str, Any]:
     if not isinstance(table, dict):
         raise TicketlabError(f"{where} must be a table.", "See `ticketlab sweep --help`.")
-    for key in ("data_dir", "model"):
+    for key in ("data_dir", "model", "train_file", "eval_file"):
         value = table.get(key)
         if isinstance(value, str) and base is not None and value.startswith((".", "..")):
             table[key] = str((base / value).resolve())
@@ -399,15 +402,23 @@ def _resolve_paths(table: dict[str, Any], base: Path | None, where: str) -> dict
 
 
 # --- is a cell finished, and running one ------------------------------------------------------
-def cell_done(spec: Spec, cell: Cell, root: Path) -> bool:
-    """Read from the store: has this cell's work been stored completely?"""
+def cell_done(spec: Spec, cell: Cell, root: Path,
+              levels: dict[str, int | None] | None = None) -> bool:
+    """Read from the store: has this cell's work been stored completely? ``levels`` caches
+    each task's resolved "matching" level across the cells of one pass."""
     if cell.part in ("imp", "rewinding"):
         hp = spec.imp_hparams(cell)
         n = len(sparsity_schedule(hp.prune.target_sparsity, hp.prune.rate, hp.prune.schedule))
         run = Run(root / hp.run_id())
         return all(run.level_done(level) for level in range(n))
     if cell.part == "baselines":
-        level = spec.resolve_level(cell, root)
+        if levels is None:
+            level = spec.resolve_level(cell, root)
+        else:
+            key = f"{cell.task}:{cell.level}"
+            if key not in levels:
+                levels[key] = spec.resolve_level(cell, root)
+            level = levels[key]
         return level is not None and branch_done(spec.reference_run(cell.task, root),
                                                  cell.baseline, level, cell.seed)
     tr = spec.transfer
@@ -480,7 +491,8 @@ def run_sweep(
         cells = spec.cells(part)
         if not cells:
             continue
-        todo = [c for c in cells if not cell_done(spec, c, root)]
+        levels: dict[str, int | None] = {}
+        todo = [c for c in cells if not cell_done(spec, c, root, levels)]
         console.print(f"[bold]{spec.name}: {part}[/bold]  {len(cells)} cells, "
                       f"{len(cells) - len(todo)} finished, {len(todo)} to run")
         t0 = time.perf_counter()
@@ -508,9 +520,13 @@ def run_sweep(
     return reports
 
 
-def sweep_status(spec: Spec, root: Path) -> list[tuple[Cell, bool]]:
-    """Every cell with whether it is finished (``ticketlab sweep --dry-run``)."""
-    return [(c, cell_done(spec, c, root)) for part in PARTS for c in spec.cells(part)]
+def sweep_status(spec: Spec, root: Path) -> Iterator[tuple[Cell, bool]]:
+    """Every cell with whether it is finished (``ticketlab sweep --dry-run``), one at a time,
+    so a large grid prints as it goes; each task's matching level is resolved once."""
+    levels: dict[str, int | None] = {}
+    for part in PARTS:
+        for cell in spec.cells(part):
+            yield cell, cell_done(spec, cell, root, levels)
 
 
 # --- Ray --------------------------------------------------------------------------------------

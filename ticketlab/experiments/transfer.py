@@ -27,11 +27,10 @@ from rich.table import Table
 from ticketlab.errors import TicketlabError
 from ticketlab.experiments.baselines import one_shot_mask
 from ticketlab.experiments.common import Stats, level_of_sparsity, with_prune
-from ticketlab.hparams import RunHparams, stable_hash
-from ticketlab.imp import find_ticket, finetune
+from ticketlab.hparams import RunHparams, Runtime, stable_hash
+from ticketlab.imp import find_ticket, finetune, finetune_run
 from ticketlab.pruning import level_sparsity
-from ticketlab.store import Run, atomic_write_bytes, atomic_write_json, sha256_file
-from ticketlab.train import Runtime
+from ticketlab.store import Run, atomic_write_bytes, atomic_write_json
 
 #: The row of one-shot magnitude pruning of θ0.
 ONE_SHOT = "one-shot"
@@ -86,14 +85,6 @@ def ensure_one_shot_mask(hp: RunHparams, sparsity: float, root: Path) -> Path:
         mask.save(path, {"task": ONE_SHOT, "fingerprint": fingerprint(params),
                          "model": hp.model.model, "one_shot_sparsity": sparsity})
     return path
-
-
-def finetune_run(hp: RunHparams, mask_path: Path | None, root: Path) -> Run:
-    """The run directory :func:`ticketlab.imp.finetune` uses for (hp, mask) — so finished
-    fine-tunes are found without loading a model."""
-    mask_id = sha256_file(mask_path) if mask_path is not None else "dense"
-    return Run(root / f"finetune-{hp.data.task}-"
-                      f"{stable_hash({'finetune': hp.identity(), 'mask': mask_id})}")
 
 
 def stored_score(hp_for: HparamsFor, source: str | None, target: str, seed: int,

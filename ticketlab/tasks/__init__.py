@@ -52,4 +52,10 @@ def get_task(name: str, source: DataSource | None = None) -> Task:
     return _FACTORIES[key](source)
 
 
-__all__ = ["TASK_NAMES", "DataSource", "Task", "get_task"]
+def task_class(name: str) -> Task:
+    """The task called ``name`` without its data: what :func:`ticketlab.hparams.build_hparams`
+    reads (``paper_defaults``, ``options``)."""
+    return get_task(name)
+
+
+__all__ = ["TASK_NAMES", "DataSource", "Task", "get_task", "task_class"]

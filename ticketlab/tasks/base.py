@@ -140,6 +140,17 @@ class Task(ABC):
 
     #: Keys of the model output that evaluation gathers for :meth:`compute_metrics`.
     output_keys: tuple[str, ...] = ("logits",)
+    #: What a task's examples are: ``"text"`` (a tokenizer featurises them) or ``"image"``.
+    #: Checked against the model family's ``inputs`` when a run is prepared.
+    inputs: str = "text"
+    #: Feature keys that are model inputs (the rest of a task's features — offsets, example
+    #: ids — stay out of the batches).
+    feature_keys: tuple[str, ...] = ("input_ids", "attention_mask", "token_type_ids", "labels",
+                                     "start_positions", "end_positions")
+    #: The feature whose length groups training batches and sorts evaluation; None for
+    #: fixed-size inputs.
+    length_key: str | None = "input_ids"
+
 
 
 def explicit_file(value: str, option: str, root: Path | None) -> Path:

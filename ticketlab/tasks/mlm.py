@@ -24,9 +24,9 @@ masked tokens, and ``perplexity`` = exp(loss).
 
 A checkpoint without an MLM head (the offline MiniLM-L6 ships the bare encoder): its head
 would be random, so ``find --task mlm`` refuses it unless ``--init-mlm-head N`` first trains the
-head alone (:func:`train_mlm_head`: body frozen and not pruned, N steps on the same training
-blocks). The head is never prunable: the prunable set is the encoder's layers, and the
-decoder's weight is the word-embedding matrix, which is not in it either.
+head alone (:func:`ticketlab.prepare.train_missing_head`: body frozen and not pruned, N steps
+on the same training blocks). The head is never prunable: the prunable set is the encoder's
+layers, and the decoder's weight is the word-embedding matrix, which is not in it either.
 """
 
 from __future__ import annotations
@@ -35,16 +35,12 @@ import itertools
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from ticketlab.errors import TicketlabError
-from ticketlab.hparams import TrainHparams
 from ticketlab.tasks.base import DataSource, Task, explicit_file
-
-if TYPE_CHECKING:
-    from torch import nn
 
 #: The hub dataset (and config) used when no local data is given: WikiText-103, as the paper.
 HUB_DATASET, HUB_CONFIG = "Salesforce/wikitext", "wikitext-103-raw-v1"
@@ -335,98 +331,3 @@ def _load_hub(split: str) -> list[str]:
             f"could not load {HUB_DATASET} ({HUB_CONFIG}) {hub_split} from the Hugging Face "
             f"hub: {type(exc).__name__}: {exc}", _FILE_FIX) from exc
     return [t.strip() for t in rows["text"] if t.strip()]
-
-
-# --------------------------------------------------------------------------------------------
-# The MLM head
-# --------------------------------------------------------------------------------------------
-
-
-def missing_head_weights(model: str, trust_remote_code: bool = False) -> list[str]:
-    """Names of MLM-head weights the checkpoint lacks (they would be randomly initialised).
-
-    Asks ``from_pretrained(..., output_loading_info=True)``, the one place that knows which
-    weights came from the files. Missing *body* weights are not reported here: they are the
-    model loader's business.
-    """
-    from transformers import AutoModelForMaskedLM
-    from transformers import logging as hf_logging
-
-    from ticketlab.models import resolve_model_path
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        net, info = AutoModelForMaskedLM.from_pretrained(
-            resolve_model_path(model), trust_remote_code=trust_remote_code,
-            output_loading_info=True)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        hf_logging.enable_progress_bar()
-    body = net.base_model_prefix + "."
-    return sorted(k for k in info["missing_keys"] if not k.startswith(body))
-
-
-def train_mlm_head(
-    model: nn.Module,
-    features: dict[str, list],
-    collator: Callable[[list[dict[str, Any]]], dict[str, Any]],
-    steps: int,
-    batch_size: int,
-    seed: int,
-    runtime: Any = None,
-) -> Any:
-    """Train only the MLM head for ``steps`` steps, the body frozen (and never pruned).
-
-    Runs the shared training loop with every base-model parameter's ``requires_grad`` off, so
-    the optimizer sees the head alone; the tied decoder weight *is* the word embedding, a body
-    parameter, and stays as pre-trained. Returns the loop's :class:`~ticketlab.train.TrainResult`.
-    """
-    from ticketlab.train import Runtime, train
-
-    hp = TrainHparams(lr=HEAD_INIT_LR, batch_size=batch_size, max_steps=steps, seed=seed,
-                      group_by_length=False)
-    body = list(model.base_model.parameters())
-    flags = [p.requires_grad for p in body]
-    for p in body:
-        p.requires_grad_(False)
-    try:
-        return train(model, {}, None, features, collator, hp, runtime or Runtime(), seed=seed,
-                     description="train MLM head", forward=masked_positions_forward)
-    finally:
-        for p, flag in zip(body, flags, strict=True):
-            p.requires_grad_(flag)
-
-
-def name_tied_weights_once(model: nn.Module) -> None:
-    """Make ``model.state_dict()`` name every tied tensor once, and accept that form back.
-
-    BERT's MLM decoder shares its weight with the word embeddings and its bias with
-    ``cls.predictions.bias``, and ``state_dict()`` lists each shared tensor under both names.
-    safetensors rightly refuses to write one tensor twice, and IMP stores a model's head and
-    weights at every level. So the aliases are dropped from the state dict (as
-    ``save_pretrained`` does) and filled back in from their targets when one is loaded. A model
-    without tied weights is left untouched.
-    """
-    first: dict[int, str] = {}
-    aliases: dict[str, str] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in first:
-            aliases[name] = first[id(p)]
-        else:
-            first[id(p)] = name
-    if not aliases:
-        return
-
-    def drop(module: nn.Module, state: dict[str, Any], prefix: str, meta: Any) -> None:
-        for alias in aliases:
-            state.pop(prefix + alias, None)
-
-    def restore(module: nn.Module, state: dict[str, Any], prefix: str, *_: Any) -> None:
-        for alias, target in aliases.items():
-            if prefix + alias not in state and prefix + target in state:
-                state[prefix + alias] = state[prefix + target]
-
-    model.register_state_dict_post_hook(drop)
-    model.register_load_state_dict_pre_hook(restore)

@@ -7,21 +7,27 @@ library and prints; what it computes is stored in the run store and resumes like
 
 from __future__ import annotations
 
-import functools
-import inspect
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from ticketlab.cli import PRUNE_OPTIONS, RUN_OPTIONS, _build, app, console, friendly, with_options
+from ticketlab.cli.app import app, console, friendly, say
+from ticketlab.cli.options import (
+    ROOT_HELP,
+    make_runtime,
+    resolve_root,
+    runtime_parameters,
+    with_options,
+    with_task_options,
+)
 from ticketlab.errors import TicketlabError
-from ticketlab.hparams import RunHparams
-from ticketlab.store import default_root
+from ticketlab.hparams import RunHparams, Runtime
 
 _E = "Experiments"
 REPORTS = Path("ticketlab-reports")
+_ROOT = typer.Option(None, "--root", help=ROOT_HELP)
 
 
 def _names(text: str, what: str) -> list[str]:
@@ -39,63 +45,37 @@ def _floats(text: str, what: str) -> list[float]:
                              f"Write e.g. {what} 0,0.01,0.05.") from e
 
 
-def _runtime(device: str, precision: str, progress: bool, save_weights: bool = False) -> Any:
-    from ticketlab.train import Runtime
-
-    return Runtime(device=device, precision=precision, progress=progress,
-                   save_weights=save_weights)
-
-
-#: Runtime options of the commands that do not take the whole RUN_OPTIONS set.
-_ROOT = typer.Option(None, help="Run store (default: $TICKETLAB_HOME/runs or "
-                     "~/.ticketlab/runs).")
-_DEVICE = typer.Option("auto", help="auto, cpu or cuda.")
-_PRECISION = typer.Option("no", help="no, bf16 or fp16 autocast.")
-_PROGRESS = typer.Option(True, help="Show progress bars.")
-
-
-def with_task_options(*groups: dict[str, tuple[Any, Any]]) -> Callable[..., Any]:
-    """Like :func:`ticketlab.cli.with_options`, for commands that span several tasks: the
-    command receives ``build(task) -> (hp, runtime, root)``, so every task gets its own
-    per-task defaults (a SQuAD target trains with SQuAD's lr and length). ``--target-sparsity``
-    is left out: these commands decide how far IMP goes."""
+def with_runtime(**defaults: Any) -> Callable[..., Any]:
+    """Add the runtime options (and --root) to a command that takes no hparams; it receives
+    ``runtime`` (``defaults`` for options not given) and ``root`` (None when not given)."""
+    from ticketlab.cli.options import _wrap
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
-        sig = inspect.signature(func)
-        own = [p for p in sig.parameters.values() if p.name != "build"]
-        opts_all = {n: v for g in groups for n, v in g.items() if n != "target_sparsity"}
-        extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=ann)
-                 for n, (ann, opt) in opts_all.items()]
+        def body(opts: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+            return {"runtime": make_runtime(opts, **defaults), "root": opts["root"]}
 
-        @functools.wraps(func)
-        def wrapper(**kwargs: Any) -> Any:
-            opts = {n: kwargs.pop(n) for n in opts_all}
-            opts["target_sparsity"] = 0.0
-            return func(build=functools.partial(_build, opts, prune=True), **kwargs)
-
-        wrapper.__signature__ = sig.replace(parameters=own + extra)  # type: ignore[attr-defined]
-        wrapper.__annotations__ = {p.name: p.annotation for p in own + extra}
-        del wrapper.__wrapped__
-        return friendly(wrapper)
+        return _wrap(func, runtime_parameters(), ("runtime", "root"), body)
 
     return decorate
 
 
+def _baseline_help() -> str:
+    from ticketlab.experiments.baselines import BASELINES
+
+    return "; ".join(f"{k}: {b.help}" for k, b in BASELINES.items())
+
+
 @app.command(rich_help_panel=_E)
-@friendly
+@with_runtime(save_weights=False)
 def branch(
+    runtime: Runtime,
+    root: Path | None,
     run: str = typer.Argument(..., help="IMP run id (or unique prefix) or path."),
     level: int = typer.Option(..., help="The IMP level whose mask/sparsity the baseline uses."),
-    kind: str = typer.Option(..., help="random, layerwise-random, random-reinit, shuffle, "
-                             "shuffle-layers, one-shot or standard."),
+    kind: str = typer.Option(..., help=_baseline_help()),
     seeds: int = typer.Option(1, help="Seeds, counted from the run's own seed."),
     shuffle_layers: bool = typer.Option(False, help="With --kind shuffle: permute whole "
-                                        "layers (the seed code's variant)."),
-    root: Path | None = _ROOT,
-    device: str = _DEVICE,
-    precision: str = _PRECISION,
-    progress: bool = _PROGRESS,
-    save_weights: bool = typer.Option(False, help="Store the trained weights."),
+                                        "layers (the seed code's variant).", metavar=""),
 ) -> None:
     """Train a baseline at an IMP level's sparsity, as a branch of the run.
 
@@ -110,9 +90,8 @@ def branch(
                                  "Drop it, or use --kind shuffle.")
         kind = "shuffle-layers"
     check_kind(kind)
-    found = find_run(run, root or default_root())
+    found = find_run(run, resolve_root(root))
     hp, _ = imp_run_hparams(found)
-    runtime = _runtime(device, precision, progress, save_weights)
     scores = []
     for seed in seed_list(hp.train.seed, seeds):
         done = run_branch(found, level, kind, seed, runtime, console)
@@ -120,14 +99,14 @@ def branch(
     line = f"{kind} at level {level}: {Stats.of(scores).fmt(digits=2)} over {len(scores)} seed(s)"
     if found.level_done(level):
         line += f"; IMP (seed {hp.train.seed}) {found.metrics(level)['score'] * 100:.2f}"
-    console.print(line)
+    say("{}", line)
 
 
 @app.command(rich_help_panel=_E)
-@with_options(RUN_OPTIONS, PRUNE_OPTIONS, prune=True)
+@with_options(prune=True)
 def matching(
     hp: RunHparams,
-    runtime: Any,
+    runtime: Runtime,
     root: Path,
     task: str = typer.Option(..., help="Task to search tickets on."),
     seeds: int = typer.Option(3, help="IMP runs, one per seed from --seed (paper: 5).",
@@ -184,22 +163,24 @@ def table(
     render = {"markdown": table2_markdown, "csv": table2_csv, "latex": table2_latex}
     if fmt not in render:
         raise TicketlabError(f"Unknown --format {fmt!r}.", "Use markdown, csv or latex.")
-    columns = table2_columns(root or default_root(),
+    columns = table2_columns(resolve_root(root),
                              _names(tasks, "--tasks") if tasks else None, rewind_step, console)
     if not columns:
-        raise TicketlabError(f"No finished IMP runs in {root or default_root()}"
+        raise TicketlabError(f"No finished IMP runs in {resolve_root(root)}"
                              + (f" for {tasks}" if tasks else "") + ".",
                              "Run `ticketlab matching --task T` first (or pass --root).")
     console.print(render[fmt](columns), markup=False, highlight=False)
     if out is not None:
         paths = write_table2(columns, out)
-        console.print(f"written: {', '.join(str(p) for p in paths.values())}")
+        say("written: {}", ", ".join(str(p) for p in paths.values()))
 
 
 @app.command(rich_help_panel=_E)
-@with_task_options(RUN_OPTIONS, PRUNE_OPTIONS)
+@with_task_options()
 def transfer(
-    build: Callable[[str], tuple[RunHparams, Any, Path]],
+    build: Callable[[str], RunHparams],
+    runtime: Runtime,
+    root: Path,
     sources: str = typer.Option(..., help="Comma-separated source tasks (their IMP masks).",
                                 rich_help_panel=_E),
     targets: str = typer.Option(..., help="Comma-separated target tasks.", rich_help_panel=_E),
@@ -208,7 +189,7 @@ def transfer(
     seeds: int = typer.Option(3, help="Fine-tuning seeds per cell, from --seed.",
                               rich_help_panel=_E),
     one_shot: bool = typer.Option(True, help="Add the row of one-shot pruning of θ0.",
-                                  rich_help_panel=_E),
+                                  rich_help_panel=_E, metavar=""),
     out: Path = typer.Option(REPORTS, help="Folder for transfer.{csv,json,png}.",
                              rich_help_panel=_E),
 ) -> None:
@@ -220,26 +201,26 @@ def transfer(
     from ticketlab.experiments.transfer import run_transfer, transfer_table, write_transfer
 
     src, tgt = _names(sources, "--sources"), _names(targets, "--targets")
-    per_task = {t: build(t)[0] for t in dict.fromkeys([*src, *tgt])}  # all validated first
-    hp, runtime, root = build(src[0])
+    per_task = {t: build(t) for t in dict.fromkeys([*src, *tgt])}  # all validated first
+    hp = per_task[src[0]]
 
     def hp_for(task: str, seed: int) -> RunHparams:
         if task not in per_task:
-            per_task[task] = build(task)[0]
+            per_task[task] = build(task)
         return with_seed(per_task[task], seed)
 
     result = run_transfer(hp_for, src, tgt, sparsity, seed_list(hp.train.seed, seeds), root,
                           runtime, console, one_shot)
     console.print(transfer_table(result))
     paths = write_transfer(result, out)
-    console.print(f"written: {', '.join(str(p) for p in paths.values())}")
+    say("written: {}", ", ".join(str(p) for p in paths.values()))
 
 
 @app.command(rich_help_panel=_E)
-@with_options(RUN_OPTIONS, PRUNE_OPTIONS, prune=True)
+@with_options(prune=True)
 def rewinding(
     hp: RunHparams,
-    runtime: Any,
+    runtime: Runtime,
     root: Path,
     task: str = typer.Option(..., help="Task to search tickets on."),
     fractions: str = typer.Option("0,0.01,0.05,0.1,0.2,0.5", help="Rewind points as shares "
@@ -259,12 +240,12 @@ def rewinding(
     points = run_rewinding(hp, _floats(fractions, "--fractions"),
                            seed_list(hp.train.seed, seeds), root, runtime, console, sparsity)
     for p in points:
-        console.print(f"rewind {p.fraction:>5.0%} (step {p.step:>4}): highest matching "
-                      + ("none" if p.highest_matching is None else f"{p.highest_matching:.0%}")
-                      + (f", score at {sparsity:.0%}: {p.score_at.fmt(digits=2)}"
-                         if p.score_at else ""))
+        say("rewind {} (step {}): highest matching {}{}", f"{p.fraction:>5.0%}",
+            f"{p.step:>4}",
+            "none" if p.highest_matching is None else f"{p.highest_matching:.0%}",
+            f", score at {sparsity:.0%}: {p.score_at.fmt(digits=2)}" if p.score_at else "")
     paths = write_rewinding(hp.data.task, points, sparsity, out)
-    console.print(f"written: {', '.join(str(p) for p in paths.values())}")
+    say("written: {}", ", ".join(str(p) for p in paths.values()))
 
 
 @app.command(rich_help_panel=_E)
@@ -285,20 +266,20 @@ def masks(
         write_mask_analysis,
     )
 
-    resolved = [resolve_mask(r, root or default_root()) for r in refs]
+    resolved = [resolve_mask(r, resolve_root(root)) for r in refs]
     found = dict(zip(unique_labels([label for label, _ in resolved]),
                      [m for _, m in resolved], strict=True))
     for label, m in found.items():
-        console.print(f"{label}: sparsity {m.sparsity:.1%}")
+        say("{}: sparsity {}", label, f"{m.sparsity:.1%}")
     if len(found) > 1:
         observed, expected = overlap_matrices(found)
         labels = list(found)
         for i in range(len(labels)):
             for j in range(i + 1, len(labels)):
-                console.print(f"  {labels[i]} ∩ {labels[j]}: Jaccard {observed[i][j]:.3f} "
-                              f"(random masks: {expected[i][j]:.3f})")
+                say("  {} ∩ {}: Jaccard {} (random masks: {})", labels[i], labels[j],
+                    f"{observed[i][j]:.3f}", f"{expected[i][j]:.3f}")
     paths = write_mask_analysis(found, out)
-    console.print(f"written: {', '.join(str(p) for p in paths.values())}")
+    say("written: {}", ", ".join(str(p) for p in paths.values()))
 
 
 @app.command(rich_help_panel=_E)
@@ -313,32 +294,30 @@ def curves(
     from ticketlab.experiments.common import seed_groups
     from ticketlab.experiments.matching import write_curves
 
-    groups = [g for g in seed_groups(root or default_root(), task)
+    groups = [g for g in seed_groups(resolve_root(root), task)
               if g.rewind_step == rewind_step]
     if not groups:
-        raise TicketlabError(f"No IMP runs of {task!r} in {root or default_root()}.",
+        raise TicketlabError(f"No IMP runs of {task!r} in {resolve_root(root)}.",
                              "Run `ticketlab matching` or `ticketlab find` first.")
     path = write_curves(groups[0], out)
     if path is None:
         raise TicketlabError(f"The IMP runs of {task} have not finished their full model yet.",
                              "Let `ticketlab matching` finish level 0 first.")
-    console.print(f"written: {path}")
+    say("written: {}", path)
 
 
 @app.command(rich_help_panel=_E)
-@friendly
+@with_runtime(save_weights=False)
 def sweep(
+    runtime: Runtime,
+    root: Path | None,
     spec: Path = typer.Argument(..., help="Experiment spec (TOML)."),
-    root: Path | None = typer.Option(None, help="Run store (default: the spec's root, else "
-                                     "~/.ticketlab/runs)."),
     backend: str = typer.Option("inprocess", help="inprocess (one cell after another) or ray "
                                 "(cells of a part in parallel)."),
     ray_address: str | None = typer.Option(None, help="Ray cluster address (default: start "
                                            "a local cluster)."),
-    dry_run: bool = typer.Option(False, help="List the cells and which are finished."),
-    device: str = _DEVICE,
-    precision: str = _PRECISION,
-    progress: bool = _PROGRESS,
+    dry_run: bool = typer.Option(False, help="Count the cells, then list them and which are "
+                                 "finished.", metavar=""),
 ) -> None:
     """Run the missing cells of an experiment spec (TOML); finished cells are skipped.
 
@@ -348,22 +327,26 @@ def sweep(
     from ticketlab.experiments.sweep import Spec, run_sweep, sweep_status
 
     loaded = Spec.load(spec)
-    store = root or (Path(loaded.root) if loaded.root else default_root())
+    store = root or (Path(loaded.root) if loaded.root else resolve_root(None))
     if dry_run:
-        status = sweep_status(loaded, store)
-        for cell, done in status:
-            console.print(f"{'done ' if done else 'todo '} {cell.label()}")
-        console.print(f"{sum(d for _, d in status)} of {len(status)} cells finished "
-                      "(baselines at the matching level count once IMP is done).")
+        say("{}: {} cells ({})", loaded.name, loaded.cell_count(),
+            ", ".join(f"{part} {n}" for part, n in loaded.cell_counts().items() if n))
+        finished = 0
+        for cell, done in sweep_status(loaded, store):
+            finished += done
+            say("{} {}", "done " if done else "todo ", cell.label())
+        say("{} of {} cells finished (baselines at the matching level count once IMP is "
+            "done).", finished, loaded.cell_count())
         return
-    run_sweep(loaded, store, _runtime(device, precision, progress), console, backend,
-              ray_address)
-    console.print(f"[green]done[/green]: every cell of {loaded.name} is stored in {store}")
+    run_sweep(loaded, store, runtime, console, backend, ray_address)
+    say("[green]done[/green]: every cell of {} is stored in {}", loaded.name, store)
 
 
 @app.command(rich_help_panel=_E)
-@friendly
+@with_runtime(save_weights=False)
 def reproduce(
+    runtime: Runtime,
+    root: Path | None,
     scale: str = typer.Option("small", help="small (MiniLM-L6 on CPU, GLUE subsets) or paper "
                               "(BERT-base, full data, 5 seeds; GPU)."),
     data_dir: Path | None = typer.Option(None, help="GLUE folder (SST-2/, CoLA/, ...). "
@@ -371,17 +354,14 @@ def reproduce(
     out: Path | None = typer.Option(None, help="Report folder (default: "
                                     "ticketlab-reproduction-<scale>); holds the run store too."),
     spec: Path | None = typer.Option(None, help="Reproduce your own spec instead of a preset."),
-    root: Path | None = typer.Option(None, help="Run store (default: <out>/runs)."),
     backend: str = typer.Option("inprocess", help="inprocess or ray."),
     ray_address: str | None = typer.Option(None, help="Ray cluster address."),
-    estimate: bool = typer.Option(False, help="Only print the work each part needs."),
+    estimate: bool = typer.Option(False, help="Only print the work each part needs (writes "
+                                  "nothing).", metavar=""),
     seconds_per_step: float = typer.Option(0.33, help="For --estimate: seconds per SST-2 "
                                            "training step (MiniLM-L6, batch 32: 0.33 measured "
                                            "on 2 idle CPU cores, one process; two one-thread "
                                            "Ray workers: 0.23 s a step combined)."),
-    device: str = _DEVICE,
-    precision: str = _PRECISION,
-    progress: bool = _PROGRESS,
 ) -> None:
     """Run the paper's experiments and write the report folder; resumable.
 
@@ -408,5 +388,4 @@ def reproduce(
                       f"{seconds_per_step} s per SST-2-length step (longer examples are "
                       "costed by their mean length), plus evaluation")
         return
-    run_reproduce(loaded, folder, root, _runtime(device, precision, progress), console,
-                  backend, ray_address)
+    run_reproduce(loaded, folder, root, runtime, console, backend, ray_address)
