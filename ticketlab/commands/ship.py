@@ -24,21 +24,41 @@ from ticketlab.errors import TicketlabError
 def export(
     run: str = typer.Argument(..., help="Run id (or unique prefix) or path."),
     level: int = typer.Option(..., "--level", help="The level (ticket) to export."),
-    to: Path = typer.Option(..., "--to", help="Output folder (new or empty)."),
+    to: Path = typer.Option(..., "--to", help="Output folder (new or empty, or an earlier "
+                            "export of ticketlab's)."),
     compressed: bool = typer.Option(False, help="Write a compressed ticket (packed bitmask + "
                                     "surviving values); load it with ticketlab.load_ticket."),
     fp16: bool = typer.Option(False, help="Compressed ticket: store surviving values as fp16."),
-    force: bool = typer.Option(False, help="Replace a non-empty output folder."),
+    force: bool = typer.Option(False, help="Replace an earlier export in --to (only a folder "
+                               "ticketlab exported and holding nothing else)."),
+    push_to_hub: str | None = typer.Option(None, "--push-to-hub", metavar="REPO",
+                                           help="Also upload the folder to this Hub model "
+                                           "repo (USER/NAME; needs a token)."),
+    private: bool = typer.Option(False, help="With --push-to-hub: create the repo private."),
     root: Path | None = typer.Option(None, help="Run store (default: ~/.ticketlab/runs)."),
 ) -> None:
     """Export a level as a Hugging Face model folder (pruned weights exactly zero), or with
-    --compressed as a compressed ticket. Either way the tokenizer is included."""
+    --compressed as a compressed ticket. Either way the tokenizer, the task's label names and
+    a model card (README.md) are included."""
     from ticketlab.export import TICKET_FILE, export_level, ticket_sizes
+    from ticketlab.hub import check_can_push, push_folder
 
+    if push_to_hub is not None:
+        check_can_push(push_to_hub)  # before exporting: a refused push writes nothing
     ticket = export_level(run, level, to, root, compressed=compressed, fp16=fp16, force=force)
-    info = ticket.info
-    console.print(f"[green]exported[/green] {info['run']} level {level} "
-                  f"(sparsity {info['sparsity']:.1%}, {info['task']}) to {to}")
+    info, result = ticket.info, ticket.export
+    assert result is not None
+    what = f"{info['run']} level {level} (sparsity {info['sparsity']:.1%}, {info['task']})"
+    if result.unchanged:
+        console.print(f"[green]already exported[/green] {what}: {to} holds this export, "
+                      "complete and unchanged (nothing written).", highlight=False)
+    else:
+        console.print(f"[green]exported[/green] {what} to {to}"
+                      + (" (replacing the earlier export there)" if result.replaced else ""),
+                      highlight=False)
+    if info.get("labels") is None and info.get("labels_note") and \
+            info["head"] == "sequence-classification":
+        console.print(f"labels: LABEL_0… ({info['labels_note']})", highlight=False)
     if compressed:
         s = ticket_sizes(Path(to) / TICKET_FILE)
         console.print(
@@ -50,6 +70,10 @@ def export(
         console.print("Load with transformers: AutoModelForSequenceClassification"
                       f".from_pretrained({str(to)!r}) (or the AutoModel class of its head).",
                       highlight=False)
+    if push_to_hub is not None:
+        url = push_folder(Path(to), push_to_hub, private=private,
+                          commit_message=f"ticketlab ticket: {what}")
+        console.print(f"[green]pushed[/green] {to} to {url}", highlight=False)
 
 
 def _parse_ints(values: list[str] | None, default: list[int], what: str) -> list[int]:
