@@ -398,6 +398,19 @@ def test_failed_export_leaves_nothing_behind(runs, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_full_disk_during_export_is_one_clear_error(runs, tmp_path, monkeypatch):
+    import ticketlab.export as export
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export, "encode_compressed", full)
+    with pytest.raises(TicketlabError, match="No space left") as e:
+        export_level(runs["run"].path, 1, tmp_path / "out", runs["root"], compressed=True)
+    assert "Free disk space" in e.value.fix
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_run_without_weights_and_missing_level_are_clear_errors(runs, tmp_path):
     with pytest.raises(TicketlabError, match="--no-save-weights") as e:
         load_level(runs["light"].path, 1, runs["light_root"])
