@@ -447,8 +447,7 @@ def _os_error(e: OSError, where: Path) -> TicketlabError | None:
     """The user-fixable OSErrors of writing an export, as one clear error (None: a bug)."""
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return TicketlabError(
-            f"Cannot write the export beside {where}: {e.strerror} "
-            f"({e.filename or where}).",
+            f"Cannot export to {where}: {e.strerror} ({e.filename or where.parent}).",
             "Pass a --to folder you can write to (a read-only place cannot hold an export).")
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return TicketlabError(
@@ -526,7 +525,8 @@ def staged_dir(out: Path, force: bool, stores: tuple[Path, ...] = (),
             (stage / STAGING_MARKER).write_text(json.dumps({"ticketlab": _STAGING_TAG}) + "\n")
             result.path.mkdir()
             yield result
-            new_info = (result.path / INFO_FILE).read_bytes()
+            staged_info = result.path / INFO_FILE
+            new_info = staged_info.read_bytes() if staged_info.is_file() else None
             if existing is not None and (out / INFO_FILE).read_bytes() == new_info:
                 result.unchanged = True  # the same export, complete: nothing to do
             elif existing is not None and not force:

@@ -232,7 +232,12 @@ def check_can_push(repo_id: str) -> None:
             "Export without --push-to-hub now, then push from a machine that is online: unset "
             "HF_HUB_OFFLINE, log in (`hf auth login` or HF_TOKEN) and run the export again "
             "with --push-to-hub.")
-    if get_token() is None:
+    try:
+        token = get_token()
+    except _hub_errors() + (ValueError,) as e:  # e.g. a failed OIDC token exchange
+        raise TicketlabError(f"Cannot push to the Hub repo {repo_id}: getting a token failed "
+                             f"({e}).", "Log in with `hf auth login`, or set HF_TOKEN.") from e
+    if token is None:
         raise TicketlabError(
             f"Cannot push to the Hub repo {repo_id}: no Hugging Face token.",
             "Log in with `hf auth login`, or set HF_TOKEN to a token with write access.")
