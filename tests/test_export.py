@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -206,9 +209,9 @@ def test_tampered_file_is_refused(runs, tmp_path, where):
     (n,) = struct.unpack("<Q", data[:8])
     if where == "values":
         data[-10] ^= 0x01  # one bit of the last tensor's bytes
-    else:
+    else:  # a field no shape or count check covers: only the checksum can catch it
         header = data[8:8 + n].decode()
-        i = header.index('\\"nnz\\": ') + len('\\"nnz\\": ')
+        i = header.index('\\"level\\": ') + len('\\"level\\": ')
         digit = header[i]
         header = header[:i] + str((int(digit) + 1) % 10) + header[i + 1:]
         data[8:8 + n] = header.encode()
@@ -217,19 +220,170 @@ def test_tampered_file_is_refused(runs, tmp_path, where):
         load_ticket(out)
 
 
-def test_non_empty_output_needs_force_and_force_replaces(runs, tmp_path):
+def _tree(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (hidden ones too) with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_force_never_replaces_a_folder_ticketlab_did_not_write(runs, tmp_path):
+    """Issue 10.1: --force replaces only an export ticketlab wrote, holding nothing else."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(TicketlabError, match="not empty") as e:
-        export_level(runs["run"].path, 1, out, runs["root"])
-    assert "--force" in e.value.fix
+    for force in (False, True):
+        with pytest.raises(TicketlabError, match="not empty") as e:
+            export_level(runs["run"].path, 1, out, runs["root"], force=force)
+        assert "keep.txt" in e.value.problem and "never deletes" in e.value.fix
     assert os.listdir(out) == ["keep.txt"]
-    export_level(runs["run"].path, 1, out, runs["root"], force=True)
-    assert "keep.txt" not in os.listdir(out) and "model.safetensors" in os.listdir(out)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp folders left
-    with pytest.raises(TicketlabError, match="holds ticketlab runs"):
-        export_level(runs["run"].path, 1, runs["root"], runs["root"], force=True)
+
+    # The report: V holds the run store two folders down plus an unrelated file.
+    shutil.copytree(runs["root"], tmp_path / "V" / "a" / "store")
+    (tmp_path / "V" / "notes.txt").write_text("unrelated")
+    before = _tree(tmp_path / "V")
+    result = CliRunner().invoke(app, [
+        "export", runs["run"].path.name, "--level", "2", "--to", str(tmp_path / "V"),
+        "--force", "--root", str(tmp_path / "V" / "a" / "store")])
+    assert result.exit_code == 2 and "Fix:" in result.output and "Traceback" not in result.output
+    assert _tree(tmp_path / "V") == before
+
+    # An export of ticketlab's is replaced by --force, and only while it is exactly that.
+    ours = tmp_path / "ours"
+    export_level(runs["run"].path, 1, ours, runs["root"])
+    (ours / "notes.txt").write_text("added by a person")
+    with pytest.raises(TicketlabError, match="notes.txt, which ticketlab did not write"):
+        export_level(runs["run"].path, 2, ours, runs["root"], force=True)
+    (ours / "notes.txt").unlink()
+    (ours / "README.md").write_text("edited by a person")
+    with pytest.raises(TicketlabError, match="README.md was changed"):
+        export_level(runs["run"].path, 2, ours, runs["root"], force=True)
+    assert (ours / "README.md").read_text() == "edited by a person"
+    export_level(runs["run"].path, 1, tmp_path / "fresh", runs["root"])
+    shutil.copy(tmp_path / "fresh" / "README.md", ours / "README.md")
+    ticket = export_level(runs["run"].path, 2, ours, runs["root"], force=True)
+    assert ticket.export.replaced and json.loads((ours / INFO_FILE).read_text())["level"] == 2
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def test_export_into_a_run_store_is_refused(runs, tmp_path):
+    """Issue 10.2: an export never goes into, or over, a run or a run store."""
+    run = runs["run"]
+    level2 = _tree(run.level_dir(2))
+    targets = [run.level_dir(2), run.level_dir(2) / "sub", run.path, run.path / "exports",
+               runs["root"], runs["root"] / "new-export"]
+    for target in targets:
+        result = CliRunner().invoke(app, ["export", run.path.name, "--level", "1", "--to",
+                                          str(target), "--force", "--root", str(runs["root"])])
+        assert result.exit_code == 2, (target, result.output)
+        assert "run" in result.output and "Fix:" in result.output
+        assert "Traceback" not in result.output
+    assert run.levels() == [0, 1, 2] and _tree(run.level_dir(2)) == level2
+    assert not (run.level_dir(2) / "sub").exists() and not (run.path / "exports").exists()
+    assert not (runs["root"] / "new-export").exists()
+
+
+def test_an_identical_export_is_done_and_a_different_one_needs_force(runs, tmp_path):
+    """Issue 10.12: rerunning a finished export succeeds without writing; another level in
+    the same folder needs --force."""
+    out = tmp_path / "out"
+    first = export_level(runs["run"].path, 1, out, runs["root"])
+    assert not first.export.unchanged
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    again = export_level(runs["run"].path, 1, out, runs["root"])
+    assert again.export.unchanged and not again.export.replaced
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+    with pytest.raises(TicketlabError, match="holds another export") as e:
+        export_level(runs["run"].path, 2, out, runs["root"])
+    assert "--force" in e.value.fix
+
+    # The report: killed just after the rename, the same command must now say "done".
+    cmd = [sys.executable, "-m", "ticketlab.cli", "export", runs["run"].path.name, "--level",
+           "2", "--to", str(tmp_path / "k"), "--root", str(runs["root"])]
+    env = {**os.environ, "TICKETLAB_FAULT": "renamed:1"}
+    killed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stdout + killed.stderr
+    env.pop("TICKETLAB_FAULT")
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "already exported" in rerun.stdout and "nothing written" in rerun.stdout
+
+
+def test_orphaned_staging_is_cleaned_only_when_its_lock_is_free(runs, tmp_path):
+    """Issue 10.11: a kill before the rename leaves a model-sized staging folder; the next
+    export beside it removes it, but never a live one or anything ticketlab did not write."""
+    from ticketlab.export import STAGING_MARKER, clean_orphans, staged_dir
+
+    cmd = [sys.executable, "-m", "ticketlab.cli", "export", runs["run"].path.name, "--level",
+           "1", "--to", str(tmp_path / "out"), "--root", str(runs["root"])]
+    killed = subprocess.run(cmd, env={**os.environ, "TICKETLAB_FAULT": "write:1"},
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stdout + killed.stderr
+    [orphan] = [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+    assert (orphan / "new" / "model.safetensors").is_file()
+    decoys = {".out.abcdefgh.tmp/data.bin": b"someone's", ".out.12345678.tmp": b"a file",
+              ".x.tmp": b"other"}
+    for name, data in decoys.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(data)
+    with pytest.raises(RuntimeError, match="abandon"), staged_dir(tmp_path / "live", False):
+        live = [p for p in tmp_path.iterdir() if p.name.startswith(".live.")]
+        export_level(runs["run"].path, 1, tmp_path / "other", runs["root"])  # cleans beside
+        assert not orphan.exists()  # its owner is dead: removed
+        assert [p for p in tmp_path.iterdir() if p.name.startswith(".live.")] == live  # alive
+        raise RuntimeError("abandon the live staging")
+    assert {n: (tmp_path / n).read_bytes() for n in decoys} == decoys  # never touched
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".live.")]
+
+    # Killed between moving the old export aside and renaming the new one in: put it back.
+    out = tmp_path / "other"
+    exported = _tree(out)
+    stage = Path(tempfile.mkdtemp(dir=tmp_path, prefix=".other.", suffix=".tmp"))
+    (stage / STAGING_MARKER).write_text(json.dumps({"ticketlab": "ticketlab export staging"}))
+    os.replace(out, stage / "old")
+    assert clean_orphans(tmp_path) == [stage.name]
+    assert _tree(out) == exported and not stage.exists()
+
+
+def test_read_only_target_is_one_clear_error(runs, tmp_path, monkeypatch):
+    """Issue 10.7: --to a place that cannot be written is one Error/Fix, exit 2."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    if os.geteuid() == 0:  # root ignores permission bits: refuse writes there as the OS would
+        real_mkdir = os.mkdir
+
+        def mkdir(path, mode=0o777, **kwargs):
+            if Path(path).is_relative_to(ro):
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            return real_mkdir(path, mode, **kwargs)
+
+        monkeypatch.setattr(os, "mkdir", mkdir)
+    try:
+        for target in (ro / "ticket", ro / "deeper" / "ticket"):
+            result = CliRunner().invoke(app, ["export", runs["run"].path.name, "--level", "1",
+                                              "--to", str(target), "--root", str(runs["root"])])
+            assert result.exit_code == 2, result.output
+            assert "Permission denied" in result.output and "Fix:" in result.output
+            assert "Traceback" not in result.output
+        assert list(ro.iterdir()) == []
+    finally:
+        ro.chmod(0o755)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_exports_honour_the_umask(runs, tmp_path, umask):
+    """Issue 10.13: a shipped ticket is readable by others unless the umask says otherwise
+    (transformers writes model.safetensors 0600, mkdtemp makes folders 0700)."""
+    old = os.umask(umask)
+    try:
+        for compressed in (False, True):
+            out = tmp_path / f"out-{compressed}"
+            export_level(runs["run"].path, 1, out, runs["root"], compressed=compressed)
+            assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+            modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+            assert set(modes.values()) == {0o666 & ~umask}, modes
+    finally:
+        os.umask(old)
 
 
 def test_failed_export_leaves_nothing_behind(runs, tmp_path, monkeypatch):
@@ -241,6 +395,19 @@ def test_failed_export_leaves_nothing_behind(runs, tmp_path, monkeypatch):
     monkeypatch.setattr(export, "encode_compressed", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         export_level(runs["run"].path, 1, tmp_path / "out", runs["root"], compressed=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_full_disk_during_export_is_one_clear_error(runs, tmp_path, monkeypatch):
+    import ticketlab.export as export
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export, "encode_compressed", full)
+    with pytest.raises(TicketlabError, match="No space left") as e:
+        export_level(runs["run"].path, 1, tmp_path / "out", runs["root"], compressed=True)
+    assert "Free disk space" in e.value.fix
     assert list(tmp_path.iterdir()) == []
 
 
@@ -264,9 +431,11 @@ def test_cli_export(runs, tmp_path):
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "their dense fp32 size" in result.output and (out / TICKET_FILE).is_file()
-    again = runner.invoke(app, args)
-    assert again.exit_code == 2 and "not empty" in again.output and "Fix:" in again.output
-    assert "Traceback" not in again.output
+    again = runner.invoke(app, args)  # the same export again: done, nothing written
+    assert again.exit_code == 0 and "already exported" in again.output
+    other = runner.invoke(app, [*args[:3], "1", *args[4:]])
+    assert other.exit_code == 2 and "not empty" in other.output and "Fix:" in other.output
+    assert "Traceback" not in other.output
     light = runner.invoke(app, ["export", str(runs["light"].path), "--level", "1", "--to",
                                 str(tmp_path / "x")])
     assert light.exit_code == 2 and "--no-save-weights" in light.output

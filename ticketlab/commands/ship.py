@@ -3,7 +3,8 @@
 ``export`` writes a level of a run as a standard Hugging Face folder or as a compressed ticket
 (:mod:`ticketlab.export`). ``bench`` times the level's model dense and accelerated
 (:func:`ticketlab.sparse.accelerate_ticket`) side by side in one process, at batch 1 and 32 and
-sequence 128, and plots the speed-up of every finished level of the run against its sparsity.
+sequence 128, and plots the speed-up of every finished level of the run against its sparsity,
+in wall time and, beside it, in CPU time on one thread (:func:`bench_figure`).
 """
 
 from __future__ import annotations
@@ -24,21 +25,41 @@ from ticketlab.errors import TicketlabError
 def export(
     run: str = typer.Argument(..., help="Run id (or unique prefix) or path."),
     level: int = typer.Option(..., "--level", help="The level (ticket) to export."),
-    to: Path = typer.Option(..., "--to", help="Output folder (new or empty)."),
+    to: Path = typer.Option(..., "--to", help="Output folder (new or empty, or an earlier "
+                            "export of ticketlab's)."),
     compressed: bool = typer.Option(False, help="Write a compressed ticket (packed bitmask + "
                                     "surviving values); load it with ticketlab.load_ticket."),
     fp16: bool = typer.Option(False, help="Compressed ticket: store surviving values as fp16."),
-    force: bool = typer.Option(False, help="Replace a non-empty output folder."),
+    force: bool = typer.Option(False, help="Replace an earlier export in --to (only a folder "
+                               "ticketlab exported and holding nothing else)."),
+    push_to_hub: str | None = typer.Option(None, "--push-to-hub", metavar="REPO",
+                                           help="Also upload the folder to this Hub model "
+                                           "repo (USER/NAME; needs a token)."),
+    private: bool = typer.Option(False, help="With --push-to-hub: create the repo private."),
     root: Path | None = typer.Option(None, help="Run store (default: ~/.ticketlab/runs)."),
 ) -> None:
     """Export a level as a Hugging Face model folder (pruned weights exactly zero), or with
-    --compressed as a compressed ticket. Either way the tokenizer is included."""
+    --compressed as a compressed ticket. Either way the tokenizer, the task's label names and
+    a model card (README.md) are included."""
     from ticketlab.export import TICKET_FILE, export_level, ticket_sizes
+    from ticketlab.hub import check_can_push, push_folder
 
+    if push_to_hub is not None:
+        check_can_push(push_to_hub)  # before exporting: a refused push writes nothing
     ticket = export_level(run, level, to, root, compressed=compressed, fp16=fp16, force=force)
-    info = ticket.info
-    console.print(f"[green]exported[/green] {info['run']} level {level} "
-                  f"(sparsity {info['sparsity']:.1%}, {info['task']}) to {to}")
+    info, result = ticket.info, ticket.export
+    assert result is not None
+    what = f"{info['run']} level {level} (sparsity {info['sparsity']:.1%}, {info['task']})"
+    if result.unchanged:
+        console.print(f"[green]already exported[/green] {what}: {to} holds this export, "
+                      "complete and unchanged (nothing written).", highlight=False)
+    else:
+        console.print(f"[green]exported[/green] {what} to {to}"
+                      + (" (replacing the earlier export there)" if result.replaced else ""),
+                      highlight=False)
+    if info.get("labels") is None and info.get("labels_note") and \
+            info["head"] == "sequence-classification":
+        console.print(f"labels: LABEL_0… ({info['labels_note']})", highlight=False)
     if compressed:
         s = ticket_sizes(Path(to) / TICKET_FILE)
         console.print(
@@ -50,6 +71,10 @@ def export(
         console.print("Load with transformers: AutoModelForSequenceClassification"
                       f".from_pretrained({str(to)!r}) (or the AutoModel class of its head).",
                       highlight=False)
+    if push_to_hub is not None:
+        url = push_folder(Path(to), push_to_hub, private=private,
+                          commit_message=f"ticketlab ticket: {what}")
+        console.print(f"[green]pushed[/green] {to} to {url}", highlight=False)
 
 
 def _parse_ints(values: list[str] | None, default: list[int], what: str) -> list[int]:
@@ -99,7 +124,7 @@ def bench(
     root: Path | None = typer.Option(None, help="Run store (default: ~/.ticketlab/runs)."),
 ) -> None:
     """Dense vs accelerated latency and throughput of a level, side by side in one process,
-    and a PNG of speed-up against sparsity."""
+    and a PNG of speed-up against sparsity (wall time, and CPU time on one thread)."""
     import torch
     from rich.table import Table
 
@@ -132,7 +157,8 @@ def bench(
     for col in ("threads", "batch", "dense ms", "accel ms", "dense seq/s", "accel seq/s",
                 "speed-up", "CPU-time speed-up", "sparse layers", "max |Δ logit|"):
         table.add_column(col, justify="right")
-    results: dict[tuple[int, int], float] = {}
+    #: (threads, batch) -> (wall-time speed-up, CPU-time speed-up or None off one thread)
+    results: dict[tuple[int, int], tuple[float, float | None]] = {}
     try:
         with torch.inference_mode():
             for th in thread_counts:
@@ -144,10 +170,9 @@ def bench(
                     t = time_pair({"dense": lambda batch=batch: model(**batch),
                                    "accel": lambda batch=batch: fast(**batch)}, reps)
                     dense, accel = t["dense"]["wall"], t["accel"]["wall"]
-                    results[(th, b)] = dense / accel
-                    # On one thread all work runs on this thread: its CPU time is the cost
-                    # without the share other processes take of the core.
-                    cpu = f"{t['dense']['cpu'] / t['accel']['cpu']:.2f}x" if th == 1 else "–"
+                    cpu_ratio = _cpu_ratio(t, th)
+                    results[(th, b)] = (dense / accel, cpu_ratio)
+                    cpu = f"{cpu_ratio:.2f}x" if cpu_ratio is not None else "–"
                     used = sum(m.decide(b * seq_len, th) != "dense" for m in layers.values())
                     table.add_row(str(th), str(b), f"{dense * 1e3:.1f}", f"{accel * 1e3:.1f}",
                                   f"{b / dense:.1f}", f"{b / accel:.1f}",
@@ -187,14 +212,27 @@ def level_models(ticket: Any) -> Iterator[tuple[int, Any, Any]]:
         yield lvl, mask, net
 
 
+def _cpu_ratio(t: dict[str, dict[str, float]], threads: int) -> float | None:
+    """Dense / accelerated CPU time, on one thread only: there all the work runs on the
+    calling thread, so its CPU time is the cost without the share other processes take of the
+    core (on a shared machine wall time can show a false slow-down). None on more threads."""
+    if threads != 1 or not t["accel"]["cpu"] > 0:
+        return None
+    return t["dense"]["cpu"] / t["accel"]["cpu"]
+
+
+#: One point of the sweep: (sparsity, wall-time speed-up, CPU-time speed-up or None).
+Point = tuple[float, float, float | None]
+
+
 def _sweep(ticket: Any, batch: dict[str, Any], thread_counts: list[int],
-           reps: int) -> dict[int, list[tuple[float, float]]]:
+           reps: int) -> dict[int, list[Point]]:
     """Speed-up at ``batch`` of every finished level of the run (see :func:`level_models`)."""
     import torch
 
     from ticketlab.sparse import accelerate_ticket
 
-    points: dict[int, list[tuple[float, float]]] = {th: [] for th in thread_counts}
+    points: dict[int, list[Point]] = {th: [] for th in thread_counts}
     tokens = int(batch["input_ids"].numel())
     for lvl, mask, net in level_models(ticket):
         fast = accelerate_ticket(net, tokens=[tokens], threads=thread_counts)
@@ -203,35 +241,64 @@ def _sweep(ticket: Any, batch: dict[str, Any], thread_counts: list[int],
             fast(**batch)
             t = time_pair({"dense": lambda net=net: net(**batch),
                            "accel": lambda fast=fast: fast(**batch)}, reps)
-            points[th].append((mask.sparsity, t["dense"]["wall"] / t["accel"]["wall"]))
+            points[th].append((mask.sparsity, t["dense"]["wall"] / t["accel"]["wall"],
+                               _cpu_ratio(t, th)))
         console.print(f"  level {lvl}: sparsity {mask.sparsity:.1%}  " + "  ".join(
-            f"{th} thr {points[th][-1][1]:.2f}x" for th in thread_counts), highlight=False)
+            f"{th} thr {points[th][-1][1]:.2f}x" + (
+                f" (CPU {points[th][-1][2]:.2f}x)" if points[th][-1][2] is not None else "")
+            for th in thread_counts), highlight=False)
     return {th: sorted(p) for th, p in points.items()}
 
 
-def _plot(png: Path, ticket: Any, results: dict[tuple[int, int], float],
-          points: dict[int, list[tuple[float, float]]], batch: int, seq_len: int) -> None:
+def bench_figure(ticket: Any, results: dict[tuple[int, int], tuple[float, float | None]],
+                 points: dict[int, list[Point]], batch: int, seq_len: int) -> Any:
+    """The speed-up plot: wall time (left) and, beside it, CPU time on one thread (right).
+
+    Wall time alone misleads on a shared machine: another process taking the core makes a
+    faster kernel look slower (a 0.69x "slow-down" at 50 % that is not one). The CPU time of
+    the one thread doing the work does not include that share, so the two panels together
+    show whether a ratio is the kernel's or the machine's.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for th, pts in points.items():
-        if pts:
-            ax.plot([100 * s for s, _ in pts], [r for _, r in pts], "o-",
-                    label=f"levels of the run, batch {batch}, {th} thread(s)")
+    fig, (wall_ax, cpu_ax) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     sparsity = 100 * ticket.mask.sparsity
-    for (th, b), r in sorted(results.items()):
-        ax.scatter([sparsity], [r], marker="*", s=120, zorder=3,
-                   label=f"level {ticket.info['level']}, batch {b}, {th} thread(s)")
-    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("sparsity of the prunable set (%)")
-    ax.set_ylabel("speed-up over dense PyTorch (x)")
-    ax.set_title(f"{ticket.info['model']} ({ticket.info['task']}), seq {seq_len}")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+    level = ticket.info["level"]
+    for ax, col in ((wall_ax, 1), (cpu_ax, 2)):
+        for th, pts in points.items():
+            pts = [p for p in pts if p[col] is not None]
+            if pts:
+                ax.plot([100 * p[0] for p in pts], [p[col] for p in pts], "o-",
+                        label=f"levels of the run, batch {batch}, {th} thread(s)")
+        for (th, b), ratios in sorted(results.items()):
+            if ratios[col - 1] is not None:
+                ax.scatter([sparsity], [ratios[col - 1]], marker="*", s=120, zorder=3,
+                           label=f"level {level}, batch {b}, {th} thread(s)")
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_xlabel("sparsity of the prunable set (%)")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    wall_ax.set_ylabel("speed-up over dense PyTorch (x)")
+    wall_ax.set_title("wall time")
+    cpu_ax.set_title("CPU time of the working thread (1 thread)")
+    if not any(r[1] is not None for r in results.values()) and not any(
+            p[2] is not None for pts in points.values() for p in pts):
+        cpu_ax.text(0.5, 0.5, "CPU time is measured on 1 thread:\nadd --threads 1",
+                    ha="center", va="center", transform=cpu_ax.transAxes)
+    fig.suptitle(f"{ticket.info['model']} ({ticket.info['task']}), seq {seq_len}")
     fig.tight_layout()
+    return fig
+
+
+def _plot(png: Path, ticket: Any, results: dict[tuple[int, int], tuple[float, float | None]],
+          points: dict[int, list[Point]], batch: int, seq_len: int) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = bench_figure(ticket, results, points, batch, seq_len)
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=120)
     plt.close(fig)
