@@ -47,6 +47,7 @@ from torch import nn
 from ticketlab import faults
 from ticketlab.errors import TicketlabError
 from ticketlab.masks import Mask
+from ticketlab.store import current_umask, fsync_dir, sha256_file
 
 TICKET_FORMAT = "ticketlab.ticket"
 TICKET_VERSION = 1
@@ -160,8 +161,8 @@ def task_labels(hp: dict[str, Any], head: str, num_labels: int
     task cannot be loaded now (the data moved), the export still works, with the default
     ``LABEL_i`` names, and the note says why.
     """
-    from ticketlab.experiment import data_source
     from ticketlab.hparams import RunHparams
+    from ticketlab.prepare import data_source
     from ticketlab.tasks import get_task
 
     if head != "sequence-classification":
@@ -255,41 +256,6 @@ _STAGING_TAG = "ticketlab export staging"
 _STAGING_NAME = re.compile(r"^\.(?P<target>.+)\.[A-Za-z0-9_]{8}\.tmp$")
 
 
-def _umask() -> int:
-    """The process umask, read without changing it where Linux allows (no race with threads)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable (best effort: not every filesystem allows it)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _is_run(path: Path) -> bool:
     return (path / "hparams.json").is_file()
 
@@ -366,7 +332,7 @@ def export_manifest(folder: Path) -> tuple[dict[str, Any] | None, str]:
         f = folder / str(name)
         if not f.is_file() or f.is_symlink():
             return None, f"{name} (listed in {INFO_FILE}) is missing"
-        if _sha256(f) != digest:
+        if sha256_file(f) != digest:
             return None, f"{name} was changed after ticketlab wrote it"
     return record, ""
 
@@ -554,19 +520,19 @@ def staged_dir(out: Path, force: bool, stores: tuple[Path, ...] = (),
 def _commit(stage: Stage, replace: bool, old: Path) -> None:
     """Make the staged export durable with ordinary permissions, then rename it into place
     (moving an export it replaces aside first, and deleting that one's files)."""
-    umask = _umask()
+    umask = current_umask()
     for f in [stage.path, *stage.path.rglob("*")]:
         f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)  # mkdtemp/mkstemp made them private
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-    _fsync_dir(stage.path)
+    fsync_dir(stage.path)
     faults.checkpoint("write")  # crash tests: the folder is complete but not yet in place
     if replace:
         os.replace(stage.target, old)
         stage.replaced = True
     os.replace(stage.path, stage.target)
-    _fsync_dir(stage.target.parent)
+    fsync_dir(stage.target.parent)
     faults.checkpoint("renamed")
     if replace:
         _remove_export(old)
@@ -960,7 +926,7 @@ def export_model(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(model_card(info, labels=labels, sizes=sizes))
-        files = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
+        files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
         (tmp / INFO_FILE).write_text(json.dumps({**record, "files": files},
                                                 indent=2, sort_keys=True) + "\n")
     return ExportResult(path=stage.target, unchanged=stage.unchanged, replaced=stage.replaced)

@@ -143,11 +143,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         if isinstance(e, OSError) and e.errno in _UNWRITABLE:
             raise unwritable(path, e) from e
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     faults.checkpoint("renamed")
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (best effort: not every filesystem allows it)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
