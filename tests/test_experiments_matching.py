@@ -10,20 +10,18 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from ticketlab.cli import app
+from ticketlab.experiments.baselines import KIND_LABELS
 from ticketlab.experiments.common import Stats, level_of_sparsity, seed_groups
 from ticketlab.experiments.matching import (
     LevelSummary,
-    Table2Column,
     is_matching,
     is_strictly_matching,
     run_matching,
     summarize,
     table2_columns,
-    table2_csv,
-    table2_latex,
-    table2_markdown,
     write_curves,
 )
+from ticketlab.reports.tables import Table2Column, table2_csv, table2_latex, table2_markdown
 from ticketlab.train import Runtime
 
 QUIET = Runtime(progress=False, save_weights=False)
@@ -66,7 +64,8 @@ def columns() -> list[Table2Column]:
     level = LevelSummary(3, 0.3, Stats(0.845, 0.005, 3), True, False)
     return [
         Table2Column("sst2", "accuracy", [0, 1, 2], Stats(0.85, 0.01, 3), level, None, 3,
-                     {"random": Stats(0.6, 0.02, 3), "random-reinit": Stats(0.55, 0.0, 1)}),
+                     {"random": Stats(0.6, 0.02, 3), "random-reinit": Stats(0.55, 0.0, 1)},
+                     labels=KIND_LABELS),
         Table2Column("cola", "matthews_correlation", [0], Stats(0.4, 0.0, 1), None, None, 1, {},
                      chance=0.0),
     ]

@@ -17,10 +17,10 @@ from ticketlab.experiments.reproduce import (
     preset,
     reproduce,
     split_dev_for_training,
-    to_toml,
 )
 from ticketlab.experiments.rewinding import train_size
 from ticketlab.experiments.sweep import Spec
+from ticketlab.reports.documents import to_toml
 from ticketlab.train import Runtime
 
 QUIET = Runtime(progress=False, save_weights=False)
@@ -87,6 +87,11 @@ def test_reproduce_writes_the_report_and_resumes(tiny_bert_dir, glue_dir, tmp_pa
     index = reproduce(spec, out, runtime=QUIET, console=Console(quiet=True))
     readme = (out / "README.md").read_text()
     assert "## Why these settings\n\nTiny on purpose:" in readme
+    # results first, then what they cost and the settings (issue 15.6)
+    order = [readme.index(h) for h in ("## Table 2", "## Figure 2", "## Masks",
+                                        "## Time per part", "## Why these settings",
+                                        "## Settings")]
+    assert order == sorted(order)
     for heading in ("## Table 2", "## Figure 2: transfer at 10% sparsity",
                     "## Sparsity–score curves", "## Rewinding", "## Masks", "## Time per part",
                     "## Settings"):
@@ -94,6 +99,11 @@ def test_reproduce_writes_the_report_and_resumes(tiny_bert_dir, glue_dir, tmp_pa
     assert "| Full model |" in readme and "| Random pruning |" in readme
     html = index.read_text()
     assert html.startswith("<!doctype html>") and "<img src='transfer.png'" in html
+    assert html.index("<h2") == html.index("<h2 id='table-2")  # a result comes first
+    assert "<nav><a href='#table-2" in html
+    # the transfer table's cells are shaded by their value, like the heatmap
+    transfer = html[html.index("id='figure-2"):html.index("id='sparsity")]
+    assert "style='background:#" in transfer
     assert "<ul><li><strong>two</strong> tasks</li><li>one <code>seed</code></li></ul>" in html
     for name in ("transfer.png", "curves_sst2.png", "curves_cola.png", "mask_overlap.png",
                  "mask_sparsity.png", "rewinding_sst2/rewinding.png", "table2.tex",
@@ -120,6 +130,11 @@ def test_reproduce_command_estimates_the_budget(glue_dir, tmp_path) -> None:
                                       str(glue_dir), "--out", str(tmp_path / "r"), "--estimate"])
     assert result.exit_code == 0, result.output
     assert "imp" in result.output and "total" in result.output and " h " in result.output
+    # estimating writes nothing (it used to leave <out>/data/QNLI/ behind), and counts the
+    # same QNLI training set a real run derives
+    assert "nothing was written" in " ".join(result.output.split())
+    assert not (tmp_path / "r").exists()
+    assert "146 trainings    16418 steps" in result.output  # the README's budget
     missing = CliRunner().invoke(app, ["reproduce", "--scale", "small", "--out",
                                        str(tmp_path / "r")])
     assert missing.exit_code == 2 and "needs --data-dir" in missing.output

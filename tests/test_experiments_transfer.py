@@ -153,14 +153,15 @@ def test_experiment_commands_end_to_end(tiny_bert_dir, glue_dir, tmp_path) -> No
     (run,) = [p.name for p in root.iterdir() if p.name.startswith("sst2-")]
     text = ok("masks", f"{run}:1", f"{run}:0", "--root", str(root), "--out", str(out))
     assert "Jaccard" in text and (out / "mask_overlap.png").is_file()
-    text = ok("transfer", "--sources", "sst2", "--targets", "sst2", "--sparsity", "0.1",
+    text = ok("transfer", "--sources", "sst2", "--targets", "sst2", "--target-sparsity", "0.1",
               "--seeds", "1", "--no-one-shot", "--out", str(out), *common)
     assert "transfer.png" in text
     assert not [p for p in root.iterdir() if p.name.startswith("finetune-")]  # all reused
-    text = ok("rewinding", "--task", "sst2", "--fractions", "0,0.5", "--sparsity", "0.1",
+    text = ok("rewinding", "--task", "sst2", "--fractions", "0,0.5", "--score-at-sparsity", "0.1",
               "--target-sparsity", "0.1", "--out", str(out), *common)
     assert "rewind    0% (step    0)" in text and "rewind   50% (step    2)" in text
     assert (out / "rewinding.png").read_bytes()[:4] == PNG
     bad = runner.invoke(app, ["transfer", "--sources", "sst2", "--targets", "sst2",
-                              "--sparsity", "0.15", *common])
+                              "--sparsity", "0.15", *common])  # the old spelling still works
+    assert "--sparsity is deprecated; use --target-sparsity" in bad.output
     assert bad.exit_code == 2 and "No IMP level has sparsity 0.150" in bad.output

@@ -3,15 +3,12 @@ slow-down (wall time only: 0.69x at 50 %) can be told from the kernel's."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
-import matplotlib.pyplot as plt
 import pytest
 
-from ticketlab.commands.ship import _cpu_ratio, bench_figure
+from ticketlab.commands.ship import _cpu_ratio
+from ticketlab.reports.figures import bench_figure
 
-TICKET = SimpleNamespace(mask=SimpleNamespace(sparsity=0.5),
-                         info={"level": 1, "model": "minilm", "task": "sst2"})
+TICKET = {"sparsity": 0.5, "level": 1, "title": "minilm (sst2), seq 128"}
 
 
 def _lines(ax) -> list[list[float]]:
@@ -25,19 +22,17 @@ def _stars(ax) -> list[float]:
 def test_bench_plot_shows_cpu_time_beside_wall_time():
     results = {(1, 1): (0.69, 1.42), (2, 1): (1.10, None)}  # wall falsely < 1 on one thread
     points = {1: [(0.0, 1.0, 1.0), (0.5, 0.69, 1.42)], 2: [(0.0, 1.0, None), (0.5, 1.1, None)]}
-    fig = bench_figure(TICKET, results, points, batch=1, seq_len=128)
+    fig = bench_figure(results, points, batch=1, **TICKET)
     wall, cpu = fig.axes
     assert wall.get_title() == "wall time" and cpu.get_title().startswith("CPU time")
     assert _lines(wall) == [[1.0, 0.69], [1.0, 1.1]] and _stars(wall) == [0.69, 1.10]
     assert _lines(cpu) == [[1.0, 1.42]] and _stars(cpu) == [1.42]  # one thread only
     assert list(cpu.get_lines()[0].get_xdata()) == [0.0, 50.0]
-    plt.close(fig)
 
 
 def test_bench_plot_without_one_thread_says_how_to_get_cpu_time():
-    fig = bench_figure(TICKET, {(2, 1): (1.1, None)}, {2: [(0.5, 1.1, None)]}, 1, 128)
+    fig = bench_figure({(2, 1): (1.1, None)}, {2: [(0.5, 1.1, None)]}, 1, **TICKET)
     assert "--threads 1" in " ".join(t.get_text() for t in fig.axes[1].texts)
-    plt.close(fig)
 
 
 def test_cpu_ratio_is_for_one_thread_only():

@@ -25,14 +25,13 @@ from ticketlab.hparams import RunHparams, Runtime, stable_hash
 from ticketlab.levels import (
     LevelPlan,
     load_tensors,
-    roles_of,
     run_level,
     save_tensors,
 )
 from ticketlab.masks import Mask
 from ticketlab.prepare import Setup, prepare
 from ticketlab.pruning import criterion, level_sparsity, prune, sparsity_schedule
-from ticketlab.store import Run, ensure_writable
+from ticketlab.store import Run, ensure_writable, roles_of
 from ticketlab.train import get_accelerator, planned_steps
 
 #: A level file holding a criterion's training-time statistics (movement scores).

@@ -52,12 +52,6 @@ def role_sparsity(setup_or_family: Any, mask: Mask) -> dict[str, float]:
     return {role: 1 - a / b for role, (a, b) in kept.items()}
 
 
-def roles_of(record: dict[str, Any]) -> dict[str, float]:
-    """A level record's per-role sparsity (records written before the rename call it
-    ``sparsity_by_kind``)."""
-    return dict(record.get("sparsity_by_role", record.get("sparsity_by_kind", {})))
-
-
 def level_record(setup: Setup, level: int, target: float, mask: Mask, metrics: dict[str, float],
                  result: TrainResult, eval_seconds: float) -> dict[str, Any]:
     main = setup.task.main_metric

@@ -105,6 +105,10 @@ def _compile(pattern: str, flag: str) -> re.Pattern[str]:
         raise TicketlabError(f"{flag} {pattern!r} is not a valid regex: {e}.", "Fix it.") from e
 
 
+#: The matrix roles, in the order a BERT layer computes them (other families' roles after).
+ROLE_ORDER = ("Q", "K", "V", "attn-out", "ffn-in", "ffn-out", "pooler", "other")
+
+
 def role_of(name: str, family: str = "text-encoder") -> str:
     """Which kind of matrix a prunable name is (Q, K, V, attn-out, ffn-in, ... for text)."""
     return get_family(family).role_of(name)

@@ -22,12 +22,20 @@ from ticketlab.cli.options import (
     with_options,
     with_task_options,
 )
+from ticketlab.cli.output import (
+    csv_option,
+    json_option,
+    messages_to_stderr,
+    output_format,
+    print_json,
+    print_table,
+)
 from ticketlab.errors import TicketlabError
 from ticketlab.hparams import RunHparams, Runtime
 
 _E = "Experiments"
 REPORTS = Path("ticketlab-reports")
-_ROOT = typer.Option(None, "--root", help=ROOT_HELP)
+_ROOT = typer.Option(None, "--root", "--output-dir", help=ROOT_HELP)
 
 
 def _names(text: str, what: str) -> list[str]:
@@ -43,6 +51,18 @@ def _floats(text: str, what: str) -> list[float]:
     except ValueError as e:
         raise TicketlabError(f"{what} {text!r} is not a list of numbers.",
                              f"Write e.g. {what} 0,0.01,0.05.") from e
+
+
+def renamed(new: Any, new_flag: str, old: Any, old_flag: str) -> Any:
+    """The value of an option that was renamed: the old spelling still works (scripts use
+    it), with a note; giving both is refused."""
+    if old is None:
+        return new
+    if new is not None:
+        raise TicketlabError(f"{old_flag} is the old name of {new_flag}; both were given.",
+                             f"Keep only {new_flag}.")
+    say("[yellow]note[/yellow]: {} is deprecated; use {} (same meaning).", old_flag, new_flag)
+    return old
 
 
 def with_runtime(**defaults: Any) -> Callable[..., Any]:
@@ -116,25 +136,34 @@ def matching(
                                   rich_help_panel=_E),
     out: Path = typer.Option(REPORTS, help="Folder for matching-<task>.json.",
                              rich_help_panel=_E),
+    as_json: bool = json_option(),
+    as_csv: bool = csv_option(),
 ) -> None:
     """IMP over several seeds: which levels match the full model, and the sparsest.
 
     Matching: the mean over seeds is within one std of the full model's mean; strictly
-    matching: at least that mean."""
+    matching: at least that mean. --json prints what matching-<task>.json holds."""
     from ticketlab.experiments.baselines import check_kind
     from ticketlab.experiments.common import seed_list
-    from ticketlab.experiments.matching import matching_table, run_matching
+    from ticketlab.experiments.matching import run_matching
+    from ticketlab.reports.tables import matching_table
     from ticketlab.store import atomic_write_json
 
+    fmt = output_format(as_json, as_csv)
     kinds = [check_kind(k) for k in _names(baselines, "--baselines")] if baselines else []
-    summary, group = run_matching(hp, seed_list(hp.train.seed, seeds), root, runtime, console,
-                                  kinds)
-    console.print(matching_table(summary))
-    best = summary.highest
-    console.print("highest matching sparsity: "
-                  + (f"{best.sparsity:.1%} (level {best.level})" if best else "none"))
-    atomic_write_json(out / f"matching-{hp.data.task}.json",
-                      {**summary.to_dict(), "runs": [r.path.name for r in group.runs.values()]})
+    with messages_to_stderr(fmt):
+        summary, group = run_matching(hp, seed_list(hp.train.seed, seeds), root, runtime,
+                                      console, kinds)
+    data = {**summary.to_dict(), "runs": [r.path.name for r in group.runs.values()]}
+    atomic_write_json(out / f"matching-{hp.data.task}.json", data)
+    if fmt == "json":
+        print_json(data)
+        return
+    print_table(matching_table(data), fmt)
+    if fmt == "table":
+        best = summary.highest
+        console.print("highest matching sparsity: "
+                      + (f"{best.sparsity:.1%} (level {best.level})" if best else "none"))
 
 
 @app.command(rich_help_panel=_E)
@@ -144,32 +173,29 @@ def table(
     tasks: str = typer.Option("", help="Comma-separated tasks, in column order (default: all "
                               "tasks with IMP runs)."),
     rewind_step: int = typer.Option(0, help="Use the IMP runs with this rewind step."),
-    fmt: str = typer.Option("markdown", "--format", help="What to print: markdown, csv or "
-                            "latex (all three are written with --out)."),
+    fmt: str = typer.Option("markdown", "--format", help="What to print: markdown, csv, "
+                            "latex or json (all four are written with --out)."),
     out: Path | None = typer.Option(None, help="Also write table2.{md,csv,tex,json} here."),
 ) -> None:
-    """Table 2 from the store, as Markdown, CSV or LaTeX.
+    """Table 2 from the store, as Markdown, CSV, LaTeX or JSON.
 
     Per task: the full model, IMP at the highest matching sparsity and every baseline found at
     that level, mean ± std over seeds."""
-    from ticketlab.experiments.matching import (
-        table2_columns,
-        table2_csv,
-        table2_latex,
-        table2_markdown,
-        write_table2,
-    )
+    import sys
 
-    render = {"markdown": table2_markdown, "csv": table2_csv, "latex": table2_latex}
-    if fmt not in render:
-        raise TicketlabError(f"Unknown --format {fmt!r}.", "Use markdown, csv or latex.")
+    from ticketlab.experiments.matching import table2_columns, write_table2
+    from ticketlab.reports.tables import TABLE2_FORMATS
+
+    if fmt not in TABLE2_FORMATS:
+        raise TicketlabError(f"Unknown --format {fmt!r}.",
+                             f"Use {', '.join(TABLE2_FORMATS)}.")
     columns = table2_columns(resolve_root(root),
                              _names(tasks, "--tasks") if tasks else None, rewind_step, console)
     if not columns:
         raise TicketlabError(f"No finished IMP runs in {resolve_root(root)}"
                              + (f" for {tasks}" if tasks else "") + ".",
                              "Run `ticketlab matching --task T` first (or pass --root).")
-    console.print(render[fmt](columns), markup=False, highlight=False)
+    sys.stdout.write(TABLE2_FORMATS[fmt](columns))
     if out is not None:
         paths = write_table2(columns, out)
         say("written: {}", ", ".join(str(p) for p in paths.values()))
@@ -184,8 +210,12 @@ def transfer(
     sources: str = typer.Option(..., help="Comma-separated source tasks (their IMP masks).",
                                 rich_help_panel=_E),
     targets: str = typer.Option(..., help="Comma-separated target tasks.", rich_help_panel=_E),
-    sparsity: float = typer.Option(0.7, help="Sparsity of the transferred masks (an IMP "
-                                   "level's).", rich_help_panel=_E),
+    target_sparsity: float | None = typer.Option(
+        None, "--target-sparsity", help="Sparsity of the transferred masks: each source's IMP "
+        "level at this sparsity (IMP runs are continued that far). Default 0.7.",
+        rich_help_panel=_E),
+    old_sparsity: float | None = typer.Option(None, "--sparsity", hidden=True,
+                                              help="Deprecated: --target-sparsity."),
     seeds: int = typer.Option(3, help="Fine-tuning seeds per cell, from --seed.",
                               rich_help_panel=_E),
     one_shot: bool = typer.Option(True, help="Add the row of one-shot pruning of θ0.",
@@ -196,10 +226,13 @@ def transfer(
     """Figure 2: every source task's mask fine-tuned on every target task.
 
     Rows: each source's IMP mask and one-shot pruning of θ0. Writes the matrix of transfer −
-    full model as CSV and a heatmap. Missing IMP runs are made (up to --sparsity)."""
+    full model as CSV and a heatmap. Missing IMP runs are made (up to --target-sparsity)."""
     from ticketlab.experiments.common import seed_list, with_seed
-    from ticketlab.experiments.transfer import run_transfer, transfer_table, write_transfer
+    from ticketlab.experiments.transfer import run_transfer, write_transfer
+    from ticketlab.reports.tables import transfer_table
 
+    sparsity = renamed(target_sparsity, "--target-sparsity", old_sparsity, "--sparsity")
+    sparsity = 0.7 if sparsity is None else sparsity
     src, tgt = _names(sources, "--sources"), _names(targets, "--targets")
     per_task = {t: build(t) for t in dict.fromkeys([*src, *tgt])}  # all validated first
     hp = per_task[src[0]]
@@ -211,7 +244,7 @@ def transfer(
 
     result = run_transfer(hp_for, src, tgt, sparsity, seed_list(hp.train.seed, seeds), root,
                           runtime, console, one_shot)
-    console.print(transfer_table(result))
+    print_table(transfer_table(result.to_dict()))
     paths = write_transfer(result, out)
     say("written: {}", ", ".join(str(p) for p in paths.values()))
 
@@ -226,17 +259,21 @@ def rewinding(
     fractions: str = typer.Option("0,0.01,0.05,0.1,0.2,0.5", help="Rewind points as shares "
                                   "of a level's training steps.", rich_help_panel=_E),
     seeds: int = typer.Option(1, help="IMP runs per rewind point.", rich_help_panel=_E),
-    sparsity: float | None = typer.Option(None, help="Also plot the score at this sparsity.",
-                                          rich_help_panel=_E),
+    score_at_sparsity: float | None = typer.Option(
+        None, "--score-at-sparsity", help="Also plot the score at this sparsity (an IMP "
+        "level's; --target-sparsity is how far IMP goes).", rich_help_panel=_E),
+    old_sparsity: float | None = typer.Option(None, "--sparsity", hidden=True,
+                                              help="Deprecated: --score-at-sparsity."),
     out: Path = typer.Option(REPORTS, help="Folder for rewinding.{csv,json,png}.",
                              rich_help_panel=_E),
 ) -> None:
     """IMP rewinding to θ_i for a sweep of i, with its plot.
 
-    Plots the highest matching sparsity (and the score at --sparsity) against i."""
+    Plots the highest matching sparsity (and the score at --score-at-sparsity) against i."""
     from ticketlab.experiments.common import seed_list
     from ticketlab.experiments.rewinding import run_rewinding, write_rewinding
 
+    sparsity = renamed(score_at_sparsity, "--score-at-sparsity", old_sparsity, "--sparsity")
     points = run_rewinding(hp, _floats(fractions, "--fractions"),
                            seed_list(hp.train.seed, seeds), root, runtime, console, sparsity)
     for p in points:
@@ -367,25 +404,37 @@ def reproduce(
 
     index.html and README.md show Table 2, the transfer heatmap, the curves, the rewinding
     plot, the settings and the time per part. Run the same command again to continue."""
-    from ticketlab.experiments.reproduce import budget, preset
+    from ticketlab.experiments.reproduce import preset
     from ticketlab.experiments.reproduce import reproduce as run_reproduce
-    from ticketlab.experiments.rewinding import train_size
     from ticketlab.experiments.sweep import Spec
 
     folder = out or Path(f"ticketlab-reproduction-{scale}")
-    loaded = Spec.load(spec) if spec else preset(scale, data_dir, folder)
     if estimate:
-        from ticketlab.experiments.reproduce import step_costs
+        _print_estimate(spec, scale, data_dir, folder, seconds_per_step)
+        return
+    loaded = Spec.load(spec) if spec else preset(scale, data_dir, folder)
+    run_reproduce(loaded, folder, root, runtime, console, backend, ray_address)
 
+
+def _print_estimate(spec: Path | None, scale: str, data_dir: Path | None, folder: Path,
+                    seconds_per_step: float) -> None:
+    """The work each part needs, computed without writing anything: data the preset derives
+    (QNLI's split of its dev file) goes to a temporary folder, removed afterwards."""
+    import tempfile
+
+    from ticketlab.experiments.reproduce import budget, preset, step_costs
+    from ticketlab.experiments.rewinding import train_size
+    from ticketlab.experiments.sweep import Spec
+
+    with tempfile.TemporaryDirectory(prefix="ticketlab-estimate-") as tmp:
+        loaded = Spec.load(spec) if spec else preset(scale, data_dir, folder, Path(tmp))
         sizes = {t: train_size(loaded.hparams_for(t, 0)) for t in loaded.tasks}
         b = budget(loaded, sizes, step_costs(loaded))
-        for part, n in b.trainings.items():
-            console.print(f"{part:<10} {n:>5} trainings  {b.steps[part]:>7} steps  "
-                          f"~{b.cost[part] * seconds_per_step / 3600:.1f} h")
-        console.print(f"{'total':<10} {sum(b.trainings.values()):>5} trainings  "
-                      f"{sum(b.steps.values()):>7} steps  "
-                      f"~{sum(b.cost.values()) * seconds_per_step / 3600:.1f} h of training at "
-                      f"{seconds_per_step} s per SST-2-length step (longer examples are "
-                      "costed by their mean length), plus evaluation")
-        return
-    run_reproduce(loaded, folder, root, runtime, console, backend, ray_address)
+    for part, n in b.trainings.items():
+        console.print(f"{part:<10} {n:>5} trainings  {b.steps[part]:>7} steps  "
+                      f"~{b.cost[part] * seconds_per_step / 3600:.1f} h")
+    console.print(f"{'total':<10} {sum(b.trainings.values()):>5} trainings  "
+                  f"{sum(b.steps.values()):>7} steps  "
+                  f"~{sum(b.cost.values()) * seconds_per_step / 3600:.1f} h of training at "
+                  f"{seconds_per_step} s per SST-2-length step (longer examples are "
+                  "costed by their mean length), plus evaluation; nothing was written")

@@ -4,7 +4,9 @@
 (:mod:`ticketlab.export`). ``bench`` times the level's model dense and accelerated
 (:func:`ticketlab.sparse.accelerate_ticket`) side by side in one process, at batch 1 and 32 and
 sequence 128, and plots the speed-up of every finished level of the run against its sparsity,
-in wall time and, beside it, in CPU time on one thread (:func:`bench_figure`).
+in wall time and, beside it, in CPU time on one thread
+(:func:`ticketlab.reports.figures.bench_figure`); ``--json``/``--csv`` print its numbers for
+scripts.
 """
 
 from __future__ import annotations
@@ -17,6 +19,14 @@ from typing import Any
 import typer
 
 from ticketlab.cli import app, console, friendly
+from ticketlab.cli.output import (
+    csv_option,
+    json_option,
+    messages_to_stderr,
+    output_format,
+    print_json,
+    print_table,
+)
 from ticketlab.errors import TicketlabError
 
 
@@ -122,13 +132,37 @@ def bench(
     sweep: bool = typer.Option(True, help="Also time every finished level of the run at "
                                "batch 1 for the plot (their masks on the dense θ0)."),
     root: Path | None = typer.Option(None, help="Run store (default: ~/.ticketlab/runs)."),
+    as_json: bool = json_option(),
+    as_csv: bool = csv_option(),
 ) -> None:
     """Dense vs accelerated latency and throughput of a level, side by side in one process,
-    and a PNG of speed-up against sparsity (wall time, and CPU time on one thread)."""
+    and a PNG of speed-up against sparsity (wall time, and CPU time on one thread).
+
+    --json prints {run, level, model, sparsity, seq_len, reps, results: [one record per
+    (threads, batch)], levels: [{threads, sparsity, speedup, cpu_speedup}], png}."""
+    fmt = output_format(as_json, as_csv)
+    with messages_to_stderr(fmt):
+        report = _bench(run, level, batch_sizes, seq_len, threads, reps, png, sweep, root)
+    if fmt == "json":
+        print_json(report)
+    elif fmt == "csv":
+        print_table(_table(report), "csv")
+
+
+def _table(report: dict[str, Any]) -> Any:
+    from ticketlab.reports.tables import bench_table
+
+    return bench_table(report["results"], f"dense vs accelerated, level {report['level']} "
+                                          f"({report['sparsity']:.1%} sparse)")
+
+
+def _bench(run: str, level: int, batch_sizes: list[str] | None, seq_len: int,
+           threads: list[str] | None, reps: int, png: Path | None, sweep: bool,
+           root: Path | None) -> dict[str, Any]:
     import torch
-    from rich.table import Table
 
     from ticketlab.export import load_level
+    from ticketlab.reports.figures import bench_figure, save_png
     from ticketlab.sparse import accelerate_ticket, sparse_layers
 
     if seq_len < 1 or reps < 1:
@@ -151,12 +185,10 @@ def bench(
                   f"seq {seq_len}, best of {reps} interleaved calls. Calibrating…")
     fast = accelerate_ticket(model, tokens=[b * seq_len for b in sizes], threads=thread_counts)
     layers = sparse_layers(fast)
-
-    table = Table(title=f"dense vs accelerated, level {level} ({ticket.mask.sparsity:.1%} "
-                  "sparse)")
-    for col in ("threads", "batch", "dense ms", "accel ms", "dense seq/s", "accel seq/s",
-                "speed-up", "CPU-time speed-up", "sparse layers", "max |Δ logit|"):
-        table.add_column(col, justify="right")
+    report: dict[str, Any] = {"run": ticket.info["run"], "level": level,
+                              "model": ticket.info["model"], "task": ticket.info["task"],
+                              "sparsity": ticket.mask.sparsity, "seq_len": seq_len,
+                              "reps": reps, "results": [], "levels": []}
     #: (threads, batch) -> (wall-time speed-up, CPU-time speed-up or None off one thread)
     results: dict[tuple[int, int], tuple[float, float | None]] = {}
     try:
@@ -172,19 +204,26 @@ def bench(
                     dense, accel = t["dense"]["wall"], t["accel"]["wall"]
                     cpu_ratio = _cpu_ratio(t, th)
                     results[(th, b)] = (dense / accel, cpu_ratio)
-                    cpu = f"{cpu_ratio:.2f}x" if cpu_ratio is not None else "–"
                     used = sum(m.decide(b * seq_len, th) != "dense" for m in layers.values())
-                    table.add_row(str(th), str(b), f"{dense * 1e3:.1f}", f"{accel * 1e3:.1f}",
-                                  f"{b / dense:.1f}", f"{b / accel:.1f}",
-                                  f"{dense / accel:.2f}x", cpu, f"{used}/{len(layers)}",
-                                  f"{diff:.1e}")
-            console.print(table)
+                    report["results"].append({
+                        "threads": th, "batch": b, "dense_ms": dense * 1e3,
+                        "accel_ms": accel * 1e3, "dense_seq_per_s": b / dense,
+                        "accel_seq_per_s": b / accel, "speedup": dense / accel,
+                        "cpu_speedup": cpu_ratio, "sparse_layers": f"{used}/{len(layers)}",
+                        "max_abs_logit_diff": diff})
+            print_table(_table(report))
             points = _sweep(ticket, inputs[min(sizes)], thread_counts, reps) if sweep else {}
     finally:
         torch.set_num_threads(original_threads)
+    report["levels"] = [{"threads": th, "sparsity": p[0], "speedup": p[1], "cpu_speedup": p[2]}
+                        for th, pts in points.items() for p in pts]
     png = png or Path(f"ticketlab-bench-{ticket.info['run']}-L{level}.png")
-    _plot(png, ticket, results, points, min(sizes), seq_len)
+    fig = bench_figure(results, points, min(sizes), ticket.mask.sparsity, level,
+                       f"{ticket.info['model']} ({ticket.info['task']}), seq {seq_len}")
+    save_png(fig, png)
     console.print(f"plot: {png}")
+    report["png"] = str(png)
+    return report
 
 
 def level_models(ticket: Any) -> Iterator[tuple[int, Any, Any]]:
@@ -222,7 +261,7 @@ def _cpu_ratio(t: dict[str, dict[str, float]], threads: int) -> float | None:
 
 
 #: One point of the sweep: (sparsity, wall-time speed-up, CPU-time speed-up or None).
-Point = tuple[float, float, float | None]
+Point = tuple[float, float, "float | None"]
 
 
 def _sweep(ticket: Any, batch: dict[str, Any], thread_counts: list[int],
@@ -248,57 +287,3 @@ def _sweep(ticket: Any, batch: dict[str, Any], thread_counts: list[int],
                 f" (CPU {points[th][-1][2]:.2f}x)" if points[th][-1][2] is not None else "")
             for th in thread_counts), highlight=False)
     return {th: sorted(p) for th, p in points.items()}
-
-
-def bench_figure(ticket: Any, results: dict[tuple[int, int], tuple[float, float | None]],
-                 points: dict[int, list[Point]], batch: int, seq_len: int) -> Any:
-    """The speed-up plot: wall time (left) and, beside it, CPU time on one thread (right).
-
-    Wall time alone misleads on a shared machine: another process taking the core makes a
-    faster kernel look slower (a 0.69x "slow-down" at 50 % that is not one). The CPU time of
-    the one thread doing the work does not include that share, so the two panels together
-    show whether a ratio is the kernel's or the machine's.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (wall_ax, cpu_ax) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    sparsity = 100 * ticket.mask.sparsity
-    level = ticket.info["level"]
-    for ax, col in ((wall_ax, 1), (cpu_ax, 2)):
-        for th, pts in points.items():
-            pts = [p for p in pts if p[col] is not None]
-            if pts:
-                ax.plot([100 * p[0] for p in pts], [p[col] for p in pts], "o-",
-                        label=f"levels of the run, batch {batch}, {th} thread(s)")
-        for (th, b), ratios in sorted(results.items()):
-            if ratios[col - 1] is not None:
-                ax.scatter([sparsity], [ratios[col - 1]], marker="*", s=120, zorder=3,
-                           label=f"level {level}, batch {b}, {th} thread(s)")
-        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-        ax.set_xlabel("sparsity of the prunable set (%)")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    wall_ax.set_ylabel("speed-up over dense PyTorch (x)")
-    wall_ax.set_title("wall time")
-    cpu_ax.set_title("CPU time of the working thread (1 thread)")
-    if not any(r[1] is not None for r in results.values()) and not any(
-            p[2] is not None for pts in points.values() for p in pts):
-        cpu_ax.text(0.5, 0.5, "CPU time is measured on 1 thread:\nadd --threads 1",
-                    ha="center", va="center", transform=cpu_ax.transAxes)
-    fig.suptitle(f"{ticket.info['model']} ({ticket.info['task']}), seq {seq_len}")
-    fig.tight_layout()
-    return fig
-
-
-def _plot(png: Path, ticket: Any, results: dict[tuple[int, int], tuple[float, float | None]],
-          points: dict[int, list[Point]], batch: int, seq_len: int) -> None:
-    import matplotlib.pyplot as plt
-
-    fig = bench_figure(ticket, results, points, batch, seq_len)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=120)
-    plt.close(fig)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from ticketlab.errors import TicketlabError
 from ticketlab.masks import Mask
-from ticketlab.models import layer_of, role_of
-from ticketlab.report import ROLE_ORDER
+from ticketlab.models import ROLE_ORDER, layer_of, role_of
+from ticketlab.reports.figures import plot_mask_sparsity, plot_overlap
 from ticketlab.store import Run, atomic_write_bytes, atomic_write_json, find_run
 
 
@@ -128,15 +128,19 @@ def unique_labels(labels: Sequence[str]) -> list[str]:
     return out
 
 
+def plot_mask_figure(mask: Mask, label: str, path: Path) -> None:
+    """Where ``mask`` prunes: per matrix (kind × layer) and per layer, as one PNG."""
+    kinds, layers, grid = sparsity_grid(mask)
+    plot_mask_sparsity(label, mask.sparsity, kinds, layers, grid, sparsity_by_layer(mask), path)
+
+
 def write_mask_analysis(masks: dict[str, Mask], out: Path) -> dict[str, Path]:
     """Per-mask sparsity plots, and with two masks or more the overlap heatmap and CSV."""
-    from ticketlab.experiments.plots import plot_mask_sparsity, plot_overlap
-
     paths: dict[str, Path] = {}
     summary: dict[str, object] = {}
     for i, (label, mask) in enumerate(masks.items()):
         p = out / f"mask_sparsity_{i}.png"
-        plot_mask_sparsity(mask, label, p)
+        plot_mask_figure(mask, label, p)
         paths[f"sparsity_{i}"] = p
         summary[label] = {"sparsity": mask.sparsity, "by_layer": sparsity_by_layer(mask),
                           "by_matrix": mask.per_tensor_sparsity()}

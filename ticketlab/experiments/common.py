@@ -87,9 +87,9 @@ class Stats:
 
     def fmt(self, scale: float = 100.0, digits: int = 1) -> str:
         """``85.3 ± 0.4`` (the std only where there are several seeds)."""
-        if self.n > 1:
-            return f"{self.mean * scale:.{digits}f} ± {self.std * scale:.{digits}f}"
-        return f"{self.mean * scale:.{digits}f}"
+        from ticketlab.reports.tables import mean_std
+
+        return mean_std(self, scale, digits)
 
     def to_dict(self) -> dict[str, float]:
         return {"mean": self.mean, "std": self.std, "n": self.n}

@@ -14,15 +14,12 @@ to "at least the full model's score".
 
 from __future__ import annotations
 
-import csv
-import io
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
 from ticketlab.experiments.baselines import KIND_LABELS, branch_records, run_branch
 from ticketlab.experiments.common import (
@@ -35,7 +32,16 @@ from ticketlab.experiments.common import (
 )
 from ticketlab.hparams import RunHparams
 from ticketlab.imp import find_ticket
+from ticketlab.reports.figures import plot_curves
+from ticketlab.reports.tables import (
+    Table2Column,
+    table2_csv,
+    table2_latex,
+    table2_markdown,
+    table2_records,
+)
 from ticketlab.store import atomic_write_bytes, atomic_write_json
+from ticketlab.tasks import task_label
 from ticketlab.train import Runtime
 
 
@@ -147,39 +153,7 @@ def baseline_level(summary: MatchingSummary) -> int:
     return best.level if best is not None else 1
 
 
-def matching_table(summary: MatchingSummary) -> Table:
-    """Every level over seeds, for the terminal."""
-    table = Table(title=f"{summary.task}: {summary.metric} over seeds {summary.seeds}")
-    for col in ("level", "sparsity", "mean ± std", "matching", "strictly"):
-        table.add_column(col, justify="right")
-    table.add_row("0", "0.0%", summary.full.fmt(digits=2), "full model", "")
-    for s in summary.levels:
-        table.add_row(str(s.level), f"{s.sparsity * 100:.1f}%", s.stats.fmt(digits=2),
-                      "yes" if s.matching else "no", "yes" if s.strictly else "no")
-    return table
-
-
 # --- Table 2 --------------------------------------------------------------------------------
-@dataclass
-class Table2Column:
-    """One task's column of Table 2."""
-
-    task: str
-    metric: str
-    seeds: list[int]
-    full: Stats
-    imp: LevelSummary | None  # the highest matching level
-    strict: LevelSummary | None
-    level: int  # where the baselines were looked up
-    baselines: dict[str, Stats] = field(default_factory=dict)
-    chance: float | None = None  # the majority-class score (common.chance_score)
-
-    @property
-    def at_chance(self) -> bool:
-        """The full model is no better than predicting the majority class: matching is vacuous."""
-        return self.chance is not None and self.full.mean <= self.chance + 1e-9
-
-
 def table2_column(group: SeedGroup) -> Table2Column | None:
     summary = summarize_group(group)
     if summary is None:
@@ -193,7 +167,7 @@ def table2_column(group: SeedGroup) -> Table2Column | None:
     hp = RunHparams.from_dict(group.reference.read_hparams()["hparams"])
     return Table2Column(group.task, summary.metric, summary.seeds, summary.full,
                         summary.highest, summary.highest_strict, level, baselines,
-                        chance_score(hp))
+                        chance_score(hp), labels=dict(KIND_LABELS))
 
 
 def table2_columns(root: Path, tasks: Sequence[str] | None = None, rewind_step: int = 0,
@@ -215,122 +189,14 @@ def table2_columns(root: Path, tasks: Sequence[str] | None = None, rewind_step: 
     return [c for c in columns if c is not None]
 
 
-def task_label(task: str) -> str:
-    """``sst2`` -> ``SST-2`` (GLUE's own spelling) for tables and plots."""
-    from ticketlab.tasks.glue import GLUE_TASKS
-
-    return GLUE_TASKS[task].folder if task in GLUE_TASKS else task
-
-
-def table2_rows(columns: Sequence[Table2Column]) -> list[tuple[str, list[str]]]:
-    kinds = [k for k in KIND_LABELS if any(k in c.baselines for c in columns)]
-
-    def pct(level: LevelSummary | None) -> str:
-        return "–" if level is None else f"{level.sparsity * 100:.0f}%"
-
-    rows = [
-        ("Full model", [c.full.fmt() + (" (at chance)" if c.at_chance else "")
-                        for c in columns]),
-        ("Majority class (chance)", ["–" if c.chance is None else f"{c.chance * 100:.1f}"
-                                     for c in columns]),
-        ("Highest matching sparsity", [pct(c.imp) for c in columns]),
-        ("IMP subnetwork at that sparsity",
-         [c.imp.stats.fmt() if c.imp else "–" for c in columns]),
-        ("Highest strictly matching sparsity", [pct(c.strict) for c in columns]),
-    ]
-    for kind in kinds:
-        rows.append((KIND_LABELS[kind],
-                     [c.baselines[kind].fmt() if kind in c.baselines else "–" for c in columns]))
-    return rows
-
-
-def table2_headers(columns: Sequence[Table2Column]) -> list[str]:
-    return [f"{task_label(c.task)} ({c.metric}, {len(c.seeds)} seed"
-            f"{'s' if len(c.seeds) > 1 else ''})" for c in columns]
-
-
-def table2_markdown(columns: Sequence[Table2Column]) -> str:
-    """Table 2 as a Markdown table (scores in points, mean ± sample std over seeds)."""
-    if not columns:
-        return "_No finished IMP runs._\n"
-    lines = ["| | " + " | ".join(table2_headers(columns)) + " |",
-             "|---|" + "---:|" * len(columns)]
-    lines += [f"| {name} | " + " | ".join(cells) + " |" for name, cells in table2_rows(columns)]
-    notes = [c for c in columns if c.imp is None]
-    text = "\n".join(lines) + "\n"
-    if notes:
-        text += ("\nNo pruned level matches the full model for "
-                 + ", ".join(task_label(c.task) for c in notes)
-                 + "; their baselines are at level 1.\n")
-    vacuous = [c for c in columns if c.at_chance]
-    if vacuous:
-        text += ("\nThe full model of " + ", ".join(task_label(c.task) for c in vacuous)
-                 + " scores no better than always predicting the majority class, so every "
-                 "subnetwork there is \"matching\" trivially: train it longer before reading "
-                 "its column.\n")
-    return text
-
-
-def table2_csv(columns: Sequence[Table2Column]) -> str:
-    """Table 2 in long form: one row per (task, entry), with mean, std and the seed count."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["task", "metric", "entry", "level", "sparsity", "mean", "std", "n"])
-    for c in columns:
-        w.writerow([c.task, c.metric, "full", 0, 0.0, c.full.mean, c.full.std, c.full.n])
-        if c.chance is not None:
-            w.writerow([c.task, c.metric, "majority-class", "", "", c.chance, 0.0, 1])
-        if c.imp is not None:
-            s = c.imp
-            w.writerow([c.task, c.metric, "imp", s.level, s.sparsity, s.stats.mean,
-                        s.stats.std, s.stats.n])
-        if c.strict is not None:
-            s = c.strict
-            w.writerow([c.task, c.metric, "imp-strict", s.level, s.sparsity, s.stats.mean,
-                        s.stats.std, s.stats.n])
-        sparsity = c.imp.sparsity if c.imp is not None else ""
-        for kind, st in c.baselines.items():
-            w.writerow([c.task, c.metric, kind, c.level, sparsity, st.mean, st.std, st.n])
-    return buf.getvalue()
-
-
-def _latex_escape(text: str) -> str:
-    for a, b in (("\\", r"\textbackslash{}"), ("%", r"\%"), ("_", r"\_"), ("&", r"\&"),
-                 ("#", r"\#"), ("±", r"$\pm$"), ("θ0''", r"$\theta_0''$"),
-                 ("θ0'", r"$\theta_0'$"), ("–", "--")):
-        text = text.replace(a, b)
-    return text
-
-
-def table2_latex(columns: Sequence[Table2Column]) -> str:
-    """Table 2 as a booktabs ``tabular``."""
-    head = " & ".join(["", *(_latex_escape(h) for h in table2_headers(columns))]) + r" \\"
-    body = [" & ".join([_latex_escape(name), *(_latex_escape(c) for c in cells)]) + r" \\"
-            for name, cells in table2_rows(columns)]
-    return "\n".join([r"\begin{tabular}{l" + "c" * len(columns) + "}", r"\toprule", head,
-                      r"\midrule", *body, r"\bottomrule", r"\end{tabular}", ""])
-
-
 def write_table2(columns: Sequence[Table2Column], out: Path) -> dict[str, Path]:
     """Write ``table2.md``, ``table2.csv``, ``table2.tex`` and ``table2.json`` into ``out``."""
     paths = {fmt: out / f"table2.{fmt}" for fmt in ("md", "csv", "tex", "json")}
     atomic_write_bytes(paths["md"], table2_markdown(columns).encode())
     atomic_write_bytes(paths["csv"], table2_csv(columns).encode())
     atomic_write_bytes(paths["tex"], table2_latex(columns).encode())
-    atomic_write_json(paths["json"], [_column_dict(c) for c in columns])
+    atomic_write_json(paths["json"], table2_records(columns))
     return paths
-
-
-def _column_dict(c: Table2Column) -> dict[str, Any]:
-    def level(s: LevelSummary | None) -> dict[str, Any] | None:
-        return None if s is None else {"level": s.level, "sparsity": s.sparsity,
-                                       **s.stats.to_dict()}
-
-    return {"task": c.task, "metric": c.metric, "seeds": c.seeds, "full": c.full.to_dict(),
-            "majority_class": c.chance, "full_at_chance": c.at_chance,
-            "highest_matching": level(c.imp), "highest_strictly_matching": level(c.strict),
-            "baseline_level": c.level,
-            "baselines": {k: v.to_dict() for k, v in c.baselines.items()}}
 
 
 # --- sparsity-score curves --------------------------------------------------------------------
@@ -356,8 +222,6 @@ def curve_series(group: SeedGroup) -> tuple[Stats, dict[str, list[tuple[float, S
 
 def write_curves(group: SeedGroup, out: Path) -> Path | None:
     """``curves_<task>.png``: score against sparsity for IMP and every baseline found."""
-    from ticketlab.experiments.plots import plot_curves
-
     data = curve_series(group)
     if data is None:
         return None

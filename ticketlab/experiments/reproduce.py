@@ -19,12 +19,9 @@ the store.
 from __future__ import annotations
 
 import contextlib
-import html
-import json
 import os
 import platform
 import random
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,17 +31,10 @@ import torch
 from rich.console import Console
 
 from ticketlab.errors import TicketlabError
-from ticketlab.experiments.analysis import overlap_matrices
+from ticketlab.experiments.analysis import overlap_matrices, plot_mask_figure
 from ticketlab.experiments.baselines import branch_path
 from ticketlab.experiments.common import group_of
-from ticketlab.experiments.matching import (
-    table2_column,
-    table2_headers,
-    table2_rows,
-    task_label,
-    write_curves,
-    write_table2,
-)
+from ticketlab.experiments.matching import table2_column, write_curves, write_table2
 from ticketlab.experiments.rewinding import DEFAULT_FRACTIONS, collect_rewinding, write_rewinding
 from ticketlab.experiments.sweep import PARTS, Cell, PartReport, Spec, run_sweep
 from ticketlab.experiments.transfer import (
@@ -57,7 +47,11 @@ from ticketlab.experiments.transfer import (
 from ticketlab.imp import finetune_run
 from ticketlab.masks import Mask
 from ticketlab.pruning import sparsity_schedule
+from ticketlab.reports.documents import Section, duration, render_html, render_markdown, to_toml
+from ticketlab.reports.figures import plot_overlap
+from ticketlab.reports.tables import table2_headers, table2_rows, transfer_cell
 from ticketlab.store import Run, atomic_write_bytes, atomic_write_json, read_json
+from ticketlab.tasks import task_label
 from ticketlab.tasks.glue import GLUE_TASKS
 from ticketlab.train import Runtime, planned_steps
 
@@ -208,7 +202,10 @@ def paper_spec(data_dir: Path | None) -> Spec:
     })
 
 
-def preset(scale: str, data_dir: Path | None, out: Path) -> Spec:
+def preset(scale: str, data_dir: Path | None, out: Path, derived: Path | None = None) -> Spec:
+    """The ``scale`` preset reading GLUE from ``data_dir``. Data the preset derives (QNLI's
+    train/eval split of its dev file) is written under ``derived`` (default ``out/data``):
+    ``--estimate`` passes a temporary folder, so estimating leaves ``out`` untouched."""
     if scale not in SCALES:
         raise TicketlabError(f"Unknown scale {scale!r}.", f"Use one of: {', '.join(SCALES)}.")
     if scale == "small":
@@ -216,7 +213,8 @@ def preset(scale: str, data_dir: Path | None, out: Path) -> Spec:
             raise TicketlabError("--scale small reads local GLUE files and needs --data-dir.",
                                  "Pass the GLUE folder (holding SST-2/, CoLA/, MRPC/, STS-B/, "
                                  "WNLI/, QNLI/).")
-        return small_spec(Path(data_dir).expanduser().resolve(), out.resolve() / "data")
+        return small_spec(Path(data_dir).expanduser().resolve(),
+                          (derived or out).resolve() / "data")
     return paper_spec(Path(data_dir).expanduser().resolve() if data_dir else None)
 
 
@@ -342,17 +340,6 @@ def reproduce(
 
 
 # --- the report -------------------------------------------------------------------------------
-@dataclass
-class Section:
-    """A part of the report, rendered to both Markdown and HTML."""
-
-    title: str
-    text: list[str] = field(default_factory=list)
-    tables: list[tuple[list[str], list[list[str]]]] = field(default_factory=list)
-    images: list[tuple[str, str]] = field(default_factory=list)  # (file name, caption)
-    code: str | None = None
-
-
 def compute_seconds(spec: Spec, root: Path) -> dict[str, float]:
     """Training + evaluation seconds recorded in the store, per part (each run counted once)."""
     seen: set[Path] = set()
@@ -409,107 +396,120 @@ def _transfer_mask(spec: Spec, cell: Cell, root: Path) -> Path | None:
 
 
 def write_report(spec: Spec, root: Path, out: Path, timings: dict[str, Any]) -> Path:
-    """Build every table and figure from the store and write README.md and index.html."""
-    s0 = spec.seeds[0]
-    sections: list[Section] = []
-    if spec.description:
-        sections.append(Section("Why these settings", text=[spec.description]))
+    """Build every table and figure from the store and write README.md and index.html.
 
-    columns = [c for t in spec.tasks if (c := table2_column(
-        group_of(spec.hparams_for(t, s0), spec.seeds, root))) is not None]
-    write_table2(columns, out)
-    t2 = Section("Table 2: matching subnetworks and baselines", text=[
-        f"Scores in points, mean ± sample std over seeds {spec.seeds}. A level is *matching* "
-        "when its mean is within one std of the full model's mean, *strictly matching* when it "
-        "is at least that mean. Baselines are at IMP's highest matching sparsity (level 1 "
-        "where no pruned level matches), over seeds "
-        f"{spec.baseline_seeds or spec.seeds} (no ± where one seed). Also as `table2.csv`, "
-        "`table2.tex`, `table2.json`."])
-    if columns:
-        t2.tables.append((["", *table2_headers(columns)],
-                          [[name, *cells] for name, cells in table2_rows(columns)]))
-        vacuous = [task_label(c.task) for c in columns if c.at_chance]
-        if vacuous:
-            t2.text.append(f"The full model of {', '.join(vacuous)} scores no better than "
-                           "always predicting the majority class (the *Majority class* row), "
-                           "so its subnetworks are \"matching\" trivially: that column says "
-                           "the budget was too small for the task, not that tickets exist.")
-    else:
-        t2.text.append("No task has finished its full model yet.")
-    sections.append(t2)
-
+    Results come first (Table 2, transfer, curves, rewinding, masks), then what they cost and
+    the settings that made them — "Why these settings" included — so a reader sees the
+    numbers before the prose."""
+    sections = [_table2_section(spec, root, out)]
     if spec.transfer is not None:
-        tr = spec.transfer
-        result = collect_transfer(spec.hparams_for, tr["sources"], tr["targets"],
-                                  tr["sparsity"], tr["seeds"], root, tr["one_shot"])
-        paths = write_transfer(result, out)
-        rows = [[task_label(s), *("–" if v != v else f"{v * 100:+.1f}"
-                                  + (" ■" if result.dark(s, t) else "")
-                                  for t, v in zip(result.targets, row, strict=True)), str(n)]
-                for s, row, n in zip(result.sources, result.matrix(), result.dark_counts(),
-                                     strict=True)]
-        sections.append(Section(
-            f"Figure 2: transfer at {tr['sparsity']:.0%} sparsity",
-            text=["Each source task's IMP mask (first seed) and one-shot magnitude pruning of "
-                  "θ0, fine-tuned on each target task. Cells: transfer score − full model on "
-                  "the target, in points. Dark (■): at least the target's own IMP subnetwork "
-                  "at this sparsity; the right column counts them. Seeds: "
-                  f"{tr['seeds']}. Also `transfer.csv`, `transfer_matrix.csv`."],
-            tables=[(["source \\ target", *map(task_label, result.targets), "■"], rows)],
-            images=[(paths["png"].name, "transfer heatmap")]))
-
-    curves = Section("Sparsity–score curves", text=[
-        "IMP at every level and each baseline where it was run, mean ± std over seeds; the "
-        "grey band is the full model's mean ± std."])
-    for t in spec.tasks:
-        path = write_curves(group_of(spec.hparams_for(t, s0), spec.seeds, root), out)
-        if path is not None:
-            curves.images.append((path.name, f"{task_label(t)} curves"))
-    sections.append(curves)
-
+        sections.append(_transfer_section(spec, root, out))
+    sections.append(_curves_section(spec, root, out))
     if spec.rewinding is not None:
-        rw = spec.rewinding
-        sec = Section("Rewinding", text=[
-            "IMP rewinding the survivors to θ_i, the weights after i steps of training the "
-            "full model; i as a share of a level's training steps. Seeds: "
-            f"{rw['seeds']}."])
-        for t in rw["tasks"]:
-            try:
-                points = collect_rewinding(spec.hparams_for(t, rw["seeds"][0]), rw["fractions"],
-                                           rw["seeds"], root, rw.get("sparsity"))
-            except TicketlabError as e:
-                sec.text.append(f"{task_label(t)}: {e.problem}")
-                continue
-            sub = out / f"rewinding_{t}"
-            paths = write_rewinding(t, points, rw.get("sparsity"), sub)
-            sec.images.append((f"{sub.name}/{paths['png'].name}", f"{task_label(t)} rewinding"))
-            sec.tables.append((["rewind point", "step", "highest matching sparsity",
-                                f"score at {rw.get('sparsity') or 0:.0%}"],
-                               [[f"{p.fraction:.0%}", str(p.step),
-                                 "–" if p.highest_matching is None
-                                 else f"{p.highest_matching:.0%}",
-                                 p.score_at.fmt() if p.score_at else "–"] for p in points]))
-        sections.append(sec)
-
+        sections.append(_rewinding_section(spec, root, out))
     sections.append(_masks_section(spec, root, out))
     sections.append(_timing_section(spec, root, timings))
-    sections.append(Section("Settings", text=[
-        f"Preset/spec `{spec.name}`; rerun any part with `ticketlab sweep spec.toml` "
-        f"(run store: `{root}`). Machine: {platform.platform()}, {os.cpu_count()} CPUs, "
-        f"torch {torch.__version__} with {torch.get_num_threads()} threads."],
-        code=to_toml(spec.to_dict())))
-
+    if spec.description:
+        sections.append(Section("Why these settings", text=[spec.description]))
+    sections.append(_settings_section(spec, root))
     title = f"ticketlab reproduction: {spec.name}"
     atomic_write_bytes(out / "README.md", render_markdown(title, sections).encode())
     atomic_write_bytes(out / "index.html", render_html(title, sections).encode())
     return out / "index.html"
 
 
+def _table2_section(spec: Spec, root: Path, out: Path) -> Section:
+    """Table 2 from the store (also written as table2.{md,csv,tex,json})."""
+    s0 = spec.seeds[0]
+    columns = [c for t in spec.tasks if (c := table2_column(
+        group_of(spec.hparams_for(t, s0), spec.seeds, root))) is not None]
+    write_table2(columns, out)
+    sec = Section("Table 2: matching subnetworks and baselines", text=[
+        f"Scores in points, mean ± sample std over seeds {spec.seeds}. A level is *matching* "
+        "when its mean is within one std of the full model's mean, *strictly matching* when it "
+        "is at least that mean. Baselines are at IMP's highest matching sparsity (level 1 "
+        "where no pruned level matches), over seeds "
+        f"{spec.baseline_seeds or spec.seeds} (no ± where one seed). Also as `table2.csv`, "
+        "`table2.tex`, `table2.json`."])
+    if not columns:
+        sec.text.append("No task has finished its full model yet.")
+        return sec
+    sec.table(["", *table2_headers(columns)],
+              [[name, *cells] for name, cells in table2_rows(columns)])
+    vacuous = [task_label(c.task) for c in columns if c.at_chance]
+    if vacuous:
+        sec.text.append(f"The full model of {', '.join(vacuous)} scores no better than "
+                        "always predicting the majority class (the *Majority class* row), "
+                        "so its subnetworks are \"matching\" trivially: that column says "
+                        "the budget was too small for the task, not that tickets exist.")
+    return sec
+
+
+def _transfer_section(spec: Spec, root: Path, out: Path) -> Section:
+    """Figure 2: the transfer matrix as a table (cells shaded by their value, like the
+    heatmap) and as the heatmap."""
+    tr = spec.transfer
+    assert tr is not None
+    result = collect_transfer(spec.hparams_for, tr["sources"], tr["targets"], tr["sparsity"],
+                              tr["seeds"], root, tr["one_shot"])
+    paths = write_transfer(result, out)
+    matrix, dark = result.matrix(), result.dark_matrix()
+    finite = [abs(v) for row in matrix for v in row if v == v]
+    limit = max(max(finite, default=0.01), 0.01)
+    rows = [[task_label(s), *(transfer_cell(v, d) for v, d in zip(row, dk, strict=True)),
+             str(n)] for s, row, dk, n in zip(result.sources, matrix, dark,
+                                             result.dark_counts(), strict=True)]
+    shades: list[list[float | None]] = [[None, *(None if v != v else v / limit for v in row),
+                                         None] for row in matrix]
+    sec = Section(f"Figure 2: transfer at {tr['sparsity']:.0%} sparsity", text=[
+        "Each source task's IMP mask (first seed) and one-shot magnitude pruning of θ0, "
+        "fine-tuned on each target task. Cells: transfer score − full model on the target, in "
+        "points, coloured red below the full model and blue above it. Dark (■): at least the "
+        "target's own IMP subnetwork at this sparsity; the right column counts them. Seeds: "
+        f"{tr['seeds']}. Also `transfer.csv`, `transfer_matrix.csv`."],
+        images=[(paths["png"].name, "transfer heatmap")])
+    sec.table(["source \\ target", *map(task_label, result.targets), "■"], rows, shades)
+    return sec
+
+
+def _curves_section(spec: Spec, root: Path, out: Path) -> Section:
+    sec = Section("Sparsity–score curves", text=[
+        "IMP at every level and each baseline where it was run, mean ± std over seeds; the "
+        "grey band is the full model's mean ± std."])
+    for t in spec.tasks:
+        path = write_curves(group_of(spec.hparams_for(t, spec.seeds[0]), spec.seeds, root), out)
+        if path is not None:
+            sec.images.append((path.name, f"{task_label(t)} curves"))
+    return sec
+
+
+def _rewinding_section(spec: Spec, root: Path, out: Path) -> Section:
+    rw = spec.rewinding
+    assert rw is not None
+    sec = Section("Rewinding", text=[
+        "IMP rewinding the survivors to θ_i, the weights after i steps of training the full "
+        f"model; i as a share of a level's training steps. Seeds: {rw['seeds']}."])
+    for t in rw["tasks"]:
+        try:
+            points = collect_rewinding(spec.hparams_for(t, rw["seeds"][0]), rw["fractions"],
+                                       rw["seeds"], root, rw.get("sparsity"))
+        except TicketlabError as e:
+            sec.text.append(f"{task_label(t)}: {e.problem}")
+            continue
+        sub = out / f"rewinding_{t}"
+        paths = write_rewinding(t, points, rw.get("sparsity"), sub)
+        sec.images.append((f"{sub.name}/{paths['png'].name}", f"{task_label(t)} rewinding"))
+        sec.table(["rewind point", "step", "highest matching sparsity",
+                   f"score at {rw.get('sparsity') or 0:.0%}"],
+                  [[f"{p.fraction:.0%}", str(p.step),
+                    "–" if p.highest_matching is None else f"{p.highest_matching:.0%}",
+                    p.score_at.fmt() if p.score_at else "–"] for p in points])
+    return sec
+
+
 def _masks_section(spec: Spec, root: Path, out: Path) -> Section:
     """Overlap of the tasks' masks at the transfer sparsity (or level 1) and where the first
     task's mask prunes."""
-    from ticketlab.experiments.plots import plot_mask_sparsity, plot_overlap
-
     sec = Section("Masks")
     sparsity = spec.transfer["sparsity"] if spec.transfer else None
     masks: dict[str, Mask] = {}
@@ -526,7 +526,7 @@ def _masks_section(spec: Spec, root: Path, out: Path) -> Section:
         sec.text.append("No IMP mask is stored yet.")
         return sec
     first, mask = next(iter(masks.items()))
-    plot_mask_sparsity(mask, first, out / "mask_sparsity.png")
+    plot_mask_figure(mask, first, out / "mask_sparsity.png")
     sec.images.append(("mask_sparsity.png", f"{first}: sparsity per matrix and layer"))
     if len(masks) > 1:
         observed, expected = overlap_matrices(masks)
@@ -552,108 +552,17 @@ def _timing_section(spec: Spec, root: Path, timings: dict[str, Any]) -> Section:
     rows.append(["total", str(sum(len(spec.cells(p)) for p in PARTS)),
                  duration(sum(timings.get(p, {}).get("wall_seconds", 0) for p in PARTS)),
                  duration(sum(compute.values()))])
-    return Section("Time per part", text=[
+    sec = Section("Time per part", text=[
         "Wall-clock time spent running each part, summed over every `reproduce` invocation, "
         "and the training + evaluation time recorded in the store (work shared between parts, "
-        "such as a full model reused by the transfer, is counted once)."],
-        tables=[(["part", "cells", "wall clock", "compute"], rows)])
+        "such as a full model reused by the transfer, is counted once)."])
+    sec.table(["part", "cells", "wall clock", "compute"], rows)
+    return sec
 
 
-def duration(seconds: float) -> str:
-    """``2 h 05 min``, ``4 min 10 s`` or ``12 s``."""
-    s = round(seconds)
-    if s >= 3600:
-        return f"{s // 3600} h {s % 3600 // 60:02d} min"
-    if s >= 60:
-        return f"{s // 60} min {s % 60:02d} s"
-    return f"{s} s"
-
-
-# --- rendering ----------------------------------------------------------------------------
-def render_markdown(title: str, sections: Sequence[Section]) -> str:
-    lines = [f"# {title}", ""]
-    for s in sections:
-        lines += [f"## {s.title}", ""]
-        for p in s.text:
-            lines += [p, ""]
-        for header, rows in s.tables:
-            lines.append("| " + " | ".join(header) + " |")
-            lines.append("|" + "---|" * len(header))
-            lines += ["| " + " | ".join(r) + " |" for r in rows]
-            lines.append("")
-        for name, caption in s.images:
-            lines += [f"![{caption}]({name})", ""]
-        if s.code:
-            lines += ["```toml", s.code.rstrip(), "```", ""]
-    return "\n".join(lines)
-
-
-def markdown_html(text: str) -> str:
-    """The little Markdown the report's texts use — paragraphs, ``- `` bullet lists (with
-    indented continuation lines), ``**bold**`` and ```code``` — as HTML, everything escaped."""
-    def inline(t: str) -> str:
-        t = html.escape(t)
-        t = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", t)
-        return re.sub(r"`(.+?)`", r"<code>\1</code>", t)
-
-    out = []
-    for block in re.split(r"\n\s*\n", text.strip()):
-        if block.startswith("- "):
-            items = re.split(r"\n- ", block[2:])
-            out.append("<ul>" + "".join(f"<li>{inline(' '.join(i.split()))}</li>"
-                                        for i in items) + "</ul>")
-        else:
-            out.append(f"<p>{inline(' '.join(block.split()))}</p>")
-    return "".join(out)
-
-
-def render_html(title: str, sections: Sequence[Section]) -> str:
-    e = html.escape
-    parts = ["<!doctype html>", "<html><head><meta charset='utf-8'>", f"<title>{e(title)}</title>",
-             "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;"
-             "padding:0 1em}table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid "
-             "#ccc;padding:4px 8px;text-align:right}td:first-child,th:first-child{text-align:"
-             "left}img{max-width:100%}pre{background:#f5f5f5;padding:1em;overflow:auto}</style>",
-             "</head><body>", f"<h1>{e(title)}</h1>"]
-    for s in sections:
-        parts.append(f"<h2>{e(s.title)}</h2>")
-        parts += [markdown_html(p) for p in s.text]
-        for header, rows in s.tables:
-            parts.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>")
-            parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows]
-            parts.append("</table>")
-        parts += [f"<figure><img src='{e(name)}' alt='{e(cap)}'><figcaption>{e(cap)}"
-                  "</figcaption></figure>" for name, cap in s.images]
-        if s.code:
-            parts.append(f"<pre>{e(s.code)}</pre>")
-    parts.append("</body></html>")
-    return "\n".join(parts) + "\n"
-
-
-def to_toml(data: dict[str, Any]) -> str:
-    """A small TOML writer for specs (strings, numbers, booleans, lists, nested tables)."""
-
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, int | float):
-            return repr(v)
-        if isinstance(v, str):
-            return json.dumps(v, ensure_ascii=False)
-        if isinstance(v, list | tuple):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        raise TypeError(f"cannot write {type(v).__name__} to TOML")
-
-    lines: list[str] = []
-
-    def table(prefix: str, d: dict[str, Any]) -> None:
-        scalars = {k: v for k, v in d.items() if not isinstance(v, dict) and v is not None}
-        if prefix and (scalars or not d):
-            lines.append(f"\n[{prefix}]")
-        lines.extend(f"{k} = {value(v)}" for k, v in scalars.items())
-        for k, v in d.items():
-            if isinstance(v, dict):
-                table(f"{prefix}.{k}" if prefix else k, v)
-
-    table("", data)
-    return "\n".join(lines).lstrip("\n") + "\n"
+def _settings_section(spec: Spec, root: Path) -> Section:
+    return Section("Settings", text=[
+        f"Preset/spec `{spec.name}`; rerun any part with `ticketlab sweep spec.toml` "
+        f"(run store: `{root}`). Machine: {platform.platform()}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__} with {torch.get_num_threads()} threads."],
+        code=to_toml(spec.to_dict()))

@@ -24,8 +24,9 @@ from ticketlab.experiments.matching import summarize_group
 from ticketlab.hparams import RunHparams
 from ticketlab.imp import find_ticket
 from ticketlab.prepare import data_source
+from ticketlab.reports.figures import plot_rewinding
 from ticketlab.store import atomic_write_bytes, atomic_write_json
-from ticketlab.tasks import get_task
+from ticketlab.tasks import get_task, task_label
 from ticketlab.train import Runtime, planned_steps
 
 #: The paper's rewind points, as fractions of the training steps.
@@ -110,9 +111,6 @@ def run_rewinding(hp: RunHparams, fractions: Sequence[float], seeds: Sequence[in
 def write_rewinding(task: str, points: Sequence[RewindPoint], sparsity: float | None,
                     out: Path) -> dict[str, Path]:
     """``rewinding.csv``, ``rewinding.json`` and ``rewinding.png`` into ``out``."""
-    from ticketlab.experiments.matching import task_label
-    from ticketlab.experiments.plots import plot_rewinding
-
     paths = {"csv": out / "rewinding.csv", "json": out / "rewinding.json",
              "png": out / "rewinding.png"}
     buf = io.StringIO()

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
 from ticketlab.errors import TicketlabError
 from ticketlab.experiments.baselines import one_shot_mask
@@ -30,7 +29,9 @@ from ticketlab.experiments.common import Stats, level_of_sparsity, with_prune
 from ticketlab.hparams import RunHparams, Runtime, stable_hash
 from ticketlab.imp import find_ticket, finetune, finetune_run
 from ticketlab.pruning import level_sparsity
+from ticketlab.reports.figures import plot_transfer
 from ticketlab.store import Run, atomic_write_bytes, atomic_write_json
+from ticketlab.tasks import task_label
 
 #: The row of one-shot magnitude pruning of θ0.
 ONE_SHOT = "one-shot"
@@ -148,6 +149,9 @@ class TransferResult:
     def matrix(self) -> list[list[float]]:
         return [[self.delta(s, t) for t in self.targets] for s in self.sources]
 
+    def dark_matrix(self) -> list[list[bool]]:
+        return [[self.dark(s, t) for t in self.targets] for s in self.sources]
+
     def dark_counts(self) -> list[int]:
         return [sum(self.dark(s, t) for t in self.targets) for s in self.sources]
 
@@ -182,7 +186,8 @@ class TransferResult:
                 "transfer": {f"{s}->{t}": v.to_dict() for (s, t), v in self.transfer.items()},
                 "full": {t: v.to_dict() for t, v in self.full.items()},
                 "same_task": {t: v.to_dict() for t, v in self.same.items()},
-                "matrix_delta": self.matrix(), "dark_counts": self.dark_counts()}
+                "matrix_delta": self.matrix(), "dark": self.dark_matrix(),
+                "dark_counts": self.dark_counts()}
 
 
 def check_transfer(sources: Sequence[str], targets: Sequence[str], seeds: Sequence[int]) -> None:
@@ -265,30 +270,15 @@ def collect_transfer(hp_for: HparamsFor, sources: Sequence[str], targets: Sequen
     return result
 
 
-def transfer_table(result: TransferResult) -> Table:
-    """The matrix for the terminal: transfer − full model (points), dark cells marked ■."""
-    table = Table(title=f"transfer at {result.sparsity:.0%} sparsity: score − full model "
-                        "(points; ■ = at least the target's own IMP subnetwork)")
-    table.add_column("source \\ target")
-    for t in result.targets:
-        table.add_column(t, justify="right")
-    table.add_column("■", justify="right")
-    for s, row, n in zip(result.sources, result.matrix(), result.dark_counts(), strict=True):
-        cells = ["–" if math.isnan(v) else f"{v * 100:+.1f}{' ■' if result.dark(s, t) else ''}"
-                 for t, v in zip(result.targets, row, strict=True)]
-        table.add_row(s, *cells, str(n))
-    return table
-
-
 def write_transfer(result: TransferResult, out: Path) -> dict[str, Path]:
     """``transfer.csv`` (long), ``transfer_matrix.csv`` (S×T), ``transfer.json``,
     ``transfer.png`` (the heatmap)."""
-    from ticketlab.experiments.plots import plot_transfer
-
     paths = {"csv": out / "transfer.csv", "matrix": out / "transfer_matrix.csv",
              "json": out / "transfer.json", "png": out / "transfer.png"}
     atomic_write_bytes(paths["csv"], result.to_csv().encode())
     atomic_write_bytes(paths["matrix"], result.matrix_csv().encode())
     atomic_write_json(paths["json"], result.to_dict())
-    plot_transfer(result, paths["png"])
+    plot_transfer([task_label(s) for s in result.sources],
+                  [task_label(t) for t in result.targets], result.matrix(),
+                  result.dark_matrix(), result.sparsity, paths["png"])
     return paths

@@ -58,4 +58,10 @@ def task_class(name: str) -> Task:
     return get_task(name)
 
 
-__all__ = ["TASK_NAMES", "DataSource", "Task", "get_task", "task_class"]
+def task_label(task: str) -> str:
+    """A task as tables and plots spell it: GLUE's own spelling (``sst2`` -> ``SST-2``),
+    any other task by its name."""
+    return GLUE_TASKS[task].folder if task in GLUE_TASKS else task
+
+
+__all__ = ["TASK_NAMES", "DataSource", "Task", "get_task", "task_class", "task_label"]
