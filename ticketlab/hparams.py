@@ -534,9 +534,9 @@ class Runtime:
     device: str = option("auto", "auto, cpu or cuda.", RUNTIME, choices=("auto", "cpu", "cuda"))
     precision: str = option("no", "no, bf16 or fp16 autocast.", RUNTIME,
                             choices=("no", "bf16", "fp16"))
-    report_to: str = option("none", "none, tensorboard or wandb (logs under each run's "
-                            "logs/ folder).", RUNTIME, choices=("none", "tensorboard", "wandb"))
-    log_dir: Path | None = None
+    report_to: str = option("none", "Log every level to tensorboard or wandb, in "
+                            "<run>/logs/level_K/.", RUNTIME,
+                            choices=("none", "tensorboard", "wandb"))
     progress: bool = option(True, "Show progress bars.", RUNTIME)
     save_weights: bool = option(True, "Store each level's trained weights (compactly: "
                                 "survivors and dense tensors).", RUNTIME)

@@ -26,6 +26,7 @@ from ticketlab.masks import Mask
 from ticketlab.methods import make_method
 from ticketlab.prepare import Setup
 from ticketlab.store import Run, atomic_write_bytes
+from ticketlab.tracking import LevelLog, open_level_log
 from ticketlab.train import TrainResult, evaluate, get_accelerator, train
 
 
@@ -94,10 +95,11 @@ class LevelPlan:
 def train_and_evaluate(setup: Setup, mask: Mask, start: dict[str, torch.Tensor],
                        runtime: Runtime, description: str,
                        on_step: Callable[[int, torch.nn.Module], None] | None = None,
-                       hooks: tuple[Any, ...] = ()
+                       hooks: tuple[Any, ...] = (), log: LevelLog | None = None
                        ) -> tuple[dict[str, float], TrainResult, float, Mask]:
     """Fine-tune ``mask ⊙ start`` with the setup's data, hparams and training method; return
-    (metrics, training result, eval seconds, the mask restricted to the prunable set)."""
+    (metrics, training result, eval seconds, the mask restricted to the prunable set).
+    ``log`` receives the training loss and learning rate of every step."""
     hp = setup.hp
     setup.model.load_state_dict(start)
     mask = mask.for_params(setup.prunable)
@@ -106,7 +108,8 @@ def train_and_evaluate(setup: Setup, mask: Mask, start: dict[str, torch.Tensor],
                    hp.train, runtime, seed=hp.train.seed, on_step=on_step,
                    description=description, forward=setup.task.forward,
                    method=make_method("standard", hp.train, setup.task), hooks=hooks,
-                   feature_keys=setup.task.feature_keys, length_key=setup.task.length_key)
+                   feature_keys=setup.task.feature_keys, length_key=setup.task.length_key,
+                   log=log)
     t0 = time.perf_counter()
     metrics = evaluate(setup.model, setup.task, setup.eval_sets, setup.collator,
                        hp.train.eval_batch_size, runtime)
@@ -121,14 +124,27 @@ def run_level(setup: Setup, run: Run, plan: LevelPlan, runtime: Runtime,
     ``before_finish(record)`` runs on the writing rank after the level's files and before its
     ``metrics.json``, and returns extra file names of the level to checksum (IMP writes the
     next level's mask there, so a resumed run never lacks it). With several processes every
-    rank trains and evaluates; only the main rank writes.
+    rank trains and evaluates; only the main rank writes — and logs, with ``--report-to``, into
+    ``<run>/logs/level_K/`` (:mod:`ticketlab.tracking`): the loss and learning rate of every
+    step, then the level's eval metrics and sparsity (overall and per role).
     """
-    metrics, result, eval_seconds, mask = train_and_evaluate(
-        setup, plan.mask, plan.start, runtime, plan.description, plan.on_step, plan.hooks)
-    record = level_record(setup, plan.level, plan.target, mask, metrics, result, eval_seconds)
+    main = get_accelerator(runtime).is_main_process
+    log = open_level_log(runtime.report_to, run.path, plan.level, setup.hp.to_dict()) \
+        if main else None
+    try:
+        metrics, result, eval_seconds, mask = train_and_evaluate(
+            setup, plan.mask, plan.start, runtime, plan.description, plan.on_step, plan.hooks,
+            log)
+        record = level_record(setup, plan.level, plan.target, mask, metrics, result,
+                              eval_seconds)
+        if log is not None:
+            log.log_level(record, result.steps)
+    finally:
+        if log is not None:
+            log.finish()
     record.update(plan.extra)
     record["train"].update(plan.train_extra)
-    if get_accelerator(runtime).is_main_process:
+    if main:
         write_level(setup, run, plan, mask, record, runtime, before_finish)
     return record
 

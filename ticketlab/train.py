@@ -5,13 +5,13 @@ every step — mask the gradients *before* clipping (so pruned weights do not ea
 budget), re-zero pruned weights *after* the optimizer step (a safety net against any optimizer
 that moves zeros), snapshot θ_i at step i for rewinding — and to be bit-reproducible for resume.
 A Trainer callback sees the step only after clipping. accelerate still gives us device
-placement, bf16/fp16 autocast, DDP and TensorBoard/W&B trackers.
+placement, bf16/fp16 autocast and DDP; logging goes to the per-level tracker the level
+lifecycle opens (:mod:`ticketlab.tracking`), never to a process-wide one.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import math
 import time
 from collections.abc import Callable
@@ -105,7 +105,7 @@ def get_accelerator(runtime: Runtime) -> Any:
     with N processes every optimizer step sees the same examples as a single-process run, each
     process taking 1/N of them, so DDP and single-process runs follow the same trajectory.
     """
-    key = (runtime.device, runtime.precision, runtime.report_to, str(runtime.log_dir))
+    key = (runtime.device, runtime.precision)
     if key not in _ACCELERATORS:
         _ACCELERATORS[key] = make_accelerator(runtime)
     return _ACCELERATORS[key]
@@ -122,19 +122,13 @@ def make_accelerator(runtime: Runtime) -> Any:
                              "Use --device cpu, or run on a machine with a GPU.")
     if runtime.precision not in ("no", "bf16", "fp16"):
         raise TicketlabError(f"Unknown --precision {runtime.precision!r}.", "Use no, bf16 or fp16.")
-    log_with = None if runtime.report_to == "none" else runtime.report_to
-    if log_with not in (None, "tensorboard", "wandb"):
-        raise TicketlabError(f"Unknown --report-to {runtime.report_to!r}.",
-                             "Use none, tensorboard or wandb.")
-    if log_with is not None and importlib.util.find_spec(log_with) is None:
-        raise TicketlabError(f"--report-to {log_with} needs the {log_with} package.",
-                             f"Run: pip install {log_with}")
+    from ticketlab.tracking import check_report_to
+
+    check_report_to(runtime.report_to)  # before any run is touched
     return Accelerator(
         cpu=device == "cpu",
         mixed_precision=runtime.precision,
         dataloader_config=DataLoaderConfiguration(split_batches=True),
-        log_with=log_with,
-        project_dir=str(runtime.log_dir or ".") if log_with else None,
     )
 
 
@@ -245,7 +239,7 @@ def train(
     seed: int = 0,
     on_step: Callable[[int, nn.Module], None] | None = None,
     description: str = "train",
-    tracker_name: str | None = None,
+    log: Any = None,
     forward: Callable[[nn.Module, dict[str, Any]], Any] | None = None,
     method: Any = None,
     hooks: tuple[Any, ...] = (),
@@ -260,7 +254,8 @@ def train(
     are zeroed; every ``hooks`` entry's ``after_backward(step)`` reads the gradients (a pruning
     criterion's statistics); gradients are clipped; the optimizer steps; the pruned weights are
     re-zeroed; ``on_step(step, model)`` runs (IMP snapshots θ_i there). ``forward(model,
-    batch)`` is the task's forward pass (``Task.forward``; default ``model(**batch)``).
+    batch)`` is the task's forward pass (``Task.forward``; default ``model(**batch)``). ``log``
+    (a :class:`ticketlab.tracking.LevelLog`) receives train/loss and train/lr every step.
     """
     from transformers import get_linear_schedule_with_warmup
 
@@ -293,8 +288,6 @@ def train(
     enforcer = MaskEnforcer(prunable, mask, device)
     enforcer.zero_weights()
 
-    if tracker_name and accelerator.log_with:
-        accelerator.init_trackers(tracker_name, config={"lr": hp.lr, "batch_size": hp.batch_size})
     model.train()
     accepted = _forward_keys(model)
     step, seen, loss_sum, start = 0, 0, 0.0, time.perf_counter()
@@ -320,15 +313,12 @@ def train(
                 progress.update(bar, advance=1, info=f"loss {value:.4f}")
                 _log_line(runtime, accelerator, description, step, total, value, start)
                 faults.checkpoint("step")
-                if accelerator.log_with:
-                    accelerator.log({"train/loss": value,
-                                     "train/lr": scheduler.get_last_lr()[0]}, step=step)
+                if log is not None:
+                    log.log({"train/loss": value, "train/lr": scheduler.get_last_lr()[0]}, step)
                 if on_step is not None:
                     on_step(step, accelerator.unwrap_model(model))
                 if step >= total:
                     break
-    if tracker_name and accelerator.log_with:
-        accelerator.end_training()
     accelerator.free_memory()  # drop the prepared optimizer/loader so levels do not pile up
     seconds = time.perf_counter() - start
     return TrainResult(steps=step, epochs=step * hp.batch_size / len(dataset),

@@ -560,8 +560,7 @@ def _run_on_ray(spec: Spec, cells: Sequence[Cell], root: Path, runtime: Runtime,
             ray.init(include_dashboard=False, log_to_driver=False)
     task = ray.remote(num_cpus=1)(ray_cell)
     spec_json = json.dumps(spec.to_dict())
-    runtime_json = json.dumps({**dataclasses.asdict(runtime), "progress": False,
-                               "log_dir": None})
+    runtime_json = json.dumps({**dataclasses.asdict(runtime), "progress": False})
     pending = [task.remote(spec_json, json.dumps(c.to_dict()), str(root.resolve()),
                            runtime_json) for c in cells]
     errors = []
