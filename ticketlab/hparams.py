@@ -35,6 +35,9 @@ from typing import Any
 from ticketlab.errors import TicketlabError
 
 SCHEDULES = ("original", "remaining")
+#: Learning-rate schedules (transformers' ``get_scheduler`` names that need no extra settings).
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                 "constant_with_warmup", "inverse_sqrt")
 
 #: Help panels of ``--help``.
 MODEL, DATA, TRAIN, PRUNE, RUNTIME = "Model", "Data", "Training", "Pruning (IMP)", "Runtime"
@@ -53,6 +56,8 @@ class Option:
       while at its default, so older run directories keep their names.
     - ``prune_only``: shapes only how IMP prunes (not a single fine-tune's result).
     - ``choices``: the allowed values, checked with a clear error.
+    - ``value_flags``: extra boolean flags that each set the option to one value
+      (``--fp16`` is ``--precision fp16``).
     """
 
     help: str
@@ -67,6 +72,7 @@ class Option:
     default_text: str | None = None
     #: More help generated when --help is built (a registry's entries).
     more_help: Callable[[], str] | None = None
+    value_flags: tuple[tuple[str, str], ...] = ()
 
 
 def option(default: Any, help: str, panel: str, **kw: Any) -> Any:
@@ -204,6 +210,11 @@ class TrainHparams:
     epochs: float = option(3.0, "Epochs per level.", TRAIN, aliases=("--num-train-epochs",))
     max_steps: int | None = option(None, "Optimizer steps per level (overrides epochs).", TRAIN)
     warmup_ratio: float = option(0.0, "Linear warm-up share of the steps.", TRAIN)
+    warmup_steps: int | None = option(None, "Linear warm-up steps (instead of "
+                                      "--warmup-ratio).", TRAIN, added_later=True)
+    lr_scheduler_type: str = option("linear", "Learning-rate schedule after the warm-up "
+                                    "(transformers' get_scheduler).", TRAIN, added_later=True,
+                                    choices=LR_SCHEDULERS)
     weight_decay: float = option(0.0, "AdamW weight decay.", TRAIN)
     max_grad_norm: float = option(1.0, "Gradient clipping norm (0 = no clipping).", TRAIN)
     seed: int = option(0, "Seed of head init, data order and dropout.", TRAIN)
@@ -225,6 +236,16 @@ class TrainHparams:
         if not (math.isfinite(self.warmup_ratio) and 0 <= self.warmup_ratio < 1):
             raise TicketlabError(f"--warmup-ratio {self.warmup_ratio} must be in [0, 1).",
                                  "Use 0.")
+        if self.warmup_steps is not None and (self.warmup_steps < 0 or self.warmup_ratio):
+            raise TicketlabError(
+                f"--warmup-steps {self.warmup_steps} must be >= 0 and cannot be combined with "
+                f"--warmup-ratio {self.warmup_ratio}: both say how long the warm-up is.",
+                "Give one of them.")
+        _check_choice(self.lr_scheduler_type, LR_SCHEDULERS, "--lr-scheduler-type")
+        if self.lr_scheduler_type == "constant" and (self.warmup_steps or self.warmup_ratio):
+            raise TicketlabError("--lr-scheduler-type constant has no warm-up, so the warm-up "
+                                 "given would be ignored.",
+                                 "Use --lr-scheduler-type constant_with_warmup.")
         _finite(self.weight_decay, "--weight-decay", "Use 0 (the paper) or e.g. 0.01.")
         _finite(self.max_grad_norm, "--max-grad-norm",
                 "Use the paper's 1.0, or 0 to turn clipping off.")
@@ -240,6 +261,44 @@ class TrainHparams:
     def micro_batch_size(self) -> int:
         """Examples per forward/backward pass."""
         return self.batch_size // self.gradient_accumulation_steps
+
+    def warmup_for(self, total_steps: int) -> int:
+        """Warm-up steps of a level of ``total_steps`` optimizer steps."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return int(self.warmup_ratio * total_steps)
+
+
+def _global_batch(per_device: int, values: Mapping[str, Any]) -> int:
+    """``--per-device-train-batch-size`` as ticketlab's global ``--batch-size``: the examples
+    of one optimizer step, i.e. per device × processes × accumulation steps (the Trainer's
+    effective batch). The processes are ``WORLD_SIZE`` (set by ``accelerate launch``)."""
+    import os
+
+    if not isinstance(per_device, int) or isinstance(per_device, bool) or per_device < 1:
+        raise TicketlabError(f"--per-device-train-batch-size {per_device!r} must be a "
+                             "positive integer.", "Use e.g. 8.")
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return per_device * world * int(values.get("gradient_accumulation_steps") or 1)
+
+
+@dataclass(frozen=True)
+class DerivedOption:
+    """An option that is another one written the way Hugging Face users write it: it is
+    turned into ``target`` by ``convert(value, all values)`` and is not stored itself."""
+
+    option: Option
+    target: str
+    convert: Callable[[Any, Mapping[str, Any]], Any]
+    type: Any = int | None
+
+
+DERIVED_OPTIONS: dict[str, DerivedOption] = {
+    "per_device_train_batch_size": DerivedOption(
+        Option("The Trainer's spelling: examples per process and micro-batch. Sets "
+               "--batch-size to this × processes × --gradient-accumulation-steps.", TRAIN),
+        "batch_size", _global_batch),
+}
 
 
 def _criteria_help() -> str:
@@ -438,6 +497,9 @@ def options(sections: tuple[str, ...] = ("model", "data", "options", "train", "p
             specs = _fields_of(Runtime, "runtime")
         else:
             specs = _fields_of(_SECTIONS[section], section)
+        if section == "train":
+            specs += [OptionSpec(k, "derived", d.target, d.option, None, d.type)
+                      for k, d in DERIVED_OPTIONS.items()]
         for spec in specs:
             out[spec.key] = spec
     return out
@@ -467,9 +529,12 @@ def build_hparams(task: str, values: Mapping[str, Any], *, prune: bool = True,
     if unknown:
         raise TicketlabError(f"Unknown option(s) {', '.join(map(repr, unknown))}.",
                              f"Known options: {', '.join(table)}.")
+    values = resolve_derived(values)
     parts: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
     task_opts: dict[str, str] = {}
     for key, spec in table.items():
+        if spec.section == "derived":
+            continue
         given = values.get(key)
         if spec.option.prune_only and not prune:
             if given is not None:
@@ -498,6 +563,22 @@ def build_hparams(task: str, values: Mapping[str, Any], *, prune: bool = True,
     if not prune:
         parts["prune"]["target_sparsity"] = 0.0
     return RunHparams(**{s: cls(**parts[s]) for s, cls in _SECTIONS.items()})
+
+
+def resolve_derived(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` with every derived option given (``per_device_train_batch_size``) turned into
+    the option it stands for; giving both spellings is refused."""
+    out = dict(values)
+    for key, derived in DERIVED_OPTIONS.items():
+        given = out.pop(key, None)
+        if given is None:
+            continue
+        flag, target = "--" + key.replace("_", "-"), "--" + derived.target.replace("_", "-")
+        if out.get(derived.target) is not None:
+            raise TicketlabError(f"{flag} and {target} were both given; {flag} sets {target}.",
+                                 f"Give one of them ({target} is the global batch).")
+        out[derived.target] = derived.convert(given, out)
+    return out
 
 
 def _coerce(value: Any, spec: OptionSpec) -> Any:
@@ -533,7 +614,8 @@ class Runtime:
 
     device: str = option("auto", "auto, cpu or cuda.", RUNTIME, choices=("auto", "cpu", "cuda"))
     precision: str = option("no", "no, bf16 or fp16 autocast.", RUNTIME,
-                            choices=("no", "bf16", "fp16"))
+                            choices=("no", "bf16", "fp16"),
+                            value_flags=(("--fp16", "fp16"), ("--bf16", "bf16")))
     report_to: str = option("none", "Log every level to tensorboard or wandb, in "
                             "<run>/logs/level_K/.", RUNTIME,
                             choices=("none", "tensorboard", "wandb"))

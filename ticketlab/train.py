@@ -248,7 +248,8 @@ def train(
 ) -> TrainResult:
     """Fine-tune ``model`` with the pruned weights of ``mask`` held at exactly zero.
 
-    A fresh AdamW and a fresh linear schedule every call (IMP's "retrain from the rewind point").
+    A fresh AdamW and a fresh schedule (``--lr-scheduler-type``, default linear) every call
+    (IMP's "retrain from the rewind point").
     One optimizer step: the training ``method`` (:mod:`ticketlab.methods`; default standard)
     computes the loss of each micro-batch and back-propagates it; the pruned weights' gradients
     are zeroed; every ``hooks`` entry's ``after_backward(step)`` reads the gradients (a pruning
@@ -257,7 +258,7 @@ def train(
     batch)`` is the task's forward pass (``Task.forward``; default ``model(**batch)``). ``log``
     (a :class:`ticketlab.tracking.LevelLog`) receives train/loss and train/lr every step.
     """
-    from transformers import get_linear_schedule_with_warmup
+    from transformers import get_scheduler
 
     from ticketlab.methods import StandardTraining
 
@@ -278,7 +279,8 @@ def train(
     loader = _loader(dataset, hp, seed, collator)
     optimizer = _optimizer(model, hp)
     total = planned_steps(len(dataset), hp)
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(hp.warmup_ratio * total), total)
+    scheduler = get_scheduler(hp.lr_scheduler_type, optimizer,
+                              num_warmup_steps=hp.warmup_for(total), num_training_steps=total)
     if accelerator.num_processes > 1:
         model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader,
                                                                   scheduler)

@@ -92,7 +92,33 @@ def parameters(specs: Iterable[OptionSpec]) -> list[inspect.Parameter]:
                            show_default=_default_text(spec, per_task), **extra)
         out.append(inspect.Parameter(spec.key, inspect.Parameter.KEYWORD_ONLY, default=opt,
                                      annotation=annotation))
+        for value_flag, value in spec.option.value_flags:
+            out.append(inspect.Parameter(
+                _flag_name(spec, value), inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                default=typer.Option(False, value_flag, help=f"Same as {spec.flag} {value}.",
+                                     rich_help_panel=spec.option.panel, metavar="")))
     return out
+
+
+def _flag_name(spec: OptionSpec, value: str) -> str:
+    return f"{spec.key}__{value}"
+
+
+def resolve_value_flags(opts: dict[str, Any]) -> None:
+    """Turn the value flags (``--fp16``) into their option's value (``precision="fp16"``) in
+    ``opts``; a flag that contradicts the option or another flag is refused."""
+    from ticketlab.errors import TicketlabError
+
+    for spec in options(("model", "data", "train", "prune", "runtime")).values():
+        for value_flag, value in spec.option.value_flags:
+            if not opts.pop(_flag_name(spec, value), False):
+                continue
+            given = opts.get(spec.key)
+            if given is not None and given != value:
+                raise TicketlabError(f"{value_flag} means {spec.flag} {value}, but "
+                                     f"{spec.flag} {given} was also given.",
+                                     "Give one of them.")
+            opts[spec.key] = value
 
 
 def runtime_parameters(root: bool = True) -> list[inspect.Parameter]:
@@ -130,6 +156,7 @@ def _wrap(func: Callable[..., Any], extra: list[inspect.Parameter], reserved: tu
     @functools.wraps(func)
     def wrapper(**kwargs: Any) -> Any:
         opts = {n: kwargs.pop(n) for n in names}
+        resolve_value_flags(opts)
         return func(**body(opts, kwargs), **kwargs)
 
     wrapper.__signature__ = sig.replace(parameters=own + extra)  # type: ignore[attr-defined]
