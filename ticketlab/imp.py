@@ -289,14 +289,82 @@ def finetune(
                 "mask_source": str(mask_path) if mask_path else None, "mask_meta": origin,
                 "main_metric": setup.task.main_metric})
         accelerator.wait_for_everyone()
+        console.print(escape(describe_source(origin, mask, mask_path)))
         if run.level_done(0):
-            print_level(console, run.metrics(0), None, resumed=True)
+            print_finetune(console, run.metrics(0), hp, full_model_score(hp, root, run),
+                           resumed=True)
             return run
         plan = LevelPlan(level=0, mask=mask, start=setup.theta0, target=mask.sparsity,
                          description="finetune", save_head=False,
                          mask_meta={"task": hp.data.task, "source": origin},
                          extra={"mask_source": origin})
         rec = run_level(setup, run, plan, runtime)
-        print_level(console, rec, None)
+        print_finetune(console, rec, hp, full_model_score(hp, root, run))
         accelerator.wait_for_everyone()
     return run
+
+
+def describe_source(origin: dict[str, Any], mask: Mask, mask_path: Path | None) -> str:
+    """Where a fine-tune's mask comes from, for the line printed before it trains."""
+    if mask_path is None:
+        return "mask: none (the full model)"
+    found = []
+    if origin.get("level") is not None:
+        found.append(f"level {origin['level']}")
+    if origin.get("run"):
+        found.append(f"of run {origin['run']}")
+    if origin.get("task"):
+        found.append(f"(found on {origin['task']})")
+    where = " ".join(found) or f"file {mask_path}"
+    return f"mask: {where}, sparsity {mask.sparsity:.1%}"
+
+
+def _dense_identity(hparams: dict[str, Any]) -> str:
+    """What a full (unpruned) fine-tune's result depends on: model, data and training, not
+    the prunable set or how IMP prunes (a dense level trains every weight either way)."""
+    import json
+
+    return json.dumps({k: hparams[k] for k in ("model", "data", "train")}, sort_keys=True)
+
+
+def full_model_score(hp: RunHparams, root: Path, exclude: Run | None = None
+                     ) -> tuple[float, str] | None:
+    """The score of the full model fine-tuned with ``hp`` on its task, if the store has it:
+    level 0 of an IMP run, or a fine-tune without a mask, with the same model, data and
+    training hparams. Returns (score, where it is) or None."""
+    from ticketlab.store import list_runs
+
+    want = _dense_identity(hp.identity())  # as stored: options added later left out
+    for run in list_runs(root):
+        if exclude is not None and run.path == exclude.path:
+            continue
+        try:
+            record = run.read_hparams()
+            ident = record["hparams"]
+            if record.get("kind") == "finetune":
+                if ident.get("mask") != "dense":
+                    continue
+                ident = ident["finetune"]
+            elif record.get("kind") != "imp":
+                continue
+            if _dense_identity(ident) == want and run.level_done(0):
+                return float(run.metrics(0)["score"]), f"run {run.path.name} level 0"
+        except (TicketlabError, KeyError, TypeError):
+            continue
+    return None
+
+
+def print_finetune(console: Console, rec: dict[str, Any], hp: RunHparams,
+                   full: tuple[float, str] | None, resumed: bool = False) -> None:
+    """The fine-tune's result, against the target's full model when the store has it."""
+    task = hp.data.task
+    line = (f"finetune on {task}: sparsity {rec['sparsity'] * 100:.1f}%  "
+            f"{rec['main_metric']} {rec['score'] * 100:.2f}")
+    if full is not None:
+        score, where = full
+        line += (f"  Δ {(rec['score'] - score) * 100:+.2f} vs the full model on {task} "
+                 f"({score * 100:.2f}, {where})")
+    elif rec["sparsity"] > 0:
+        line += (f"  (no full model of {task} with these settings is stored; the same "
+                 "`ticketlab finetune` without --mask stores one)")
+    console.print(escape(line) + (" [dim](stored)[/dim]" if resumed else ""))
