@@ -17,8 +17,8 @@ import subprocess
 import sys
 
 import pytest
-from safetensors.torch import load_file
 
+from ticketlab.levels import load_level_weights
 from ticketlab.masks import Mask
 from ticketlab.store import list_runs
 
@@ -52,6 +52,6 @@ def test_two_process_ddp_matches_single_process(tiny_bert_dir, csv_task_dir, tmp
         assert (Mask.load(one.level_dir(level) / "mask.safetensors")
                 == Mask.load(two.level_dir(level) / "mask.safetensors"))
     for level in (0, 1, 2):
-        a = load_file(str(one.level_dir(level) / "model.safetensors"))
-        b = load_file(str(two.level_dir(level) / "model.safetensors"))
+        a = load_level_weights(one.level_dir(level) / "model.safetensors")
+        b = load_level_weights(two.level_dir(level) / "model.safetensors")
         assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5

@@ -62,9 +62,9 @@ def test_levels_rewind_to_theta0_with_exact_sparsities(tiny_hparams, tmp_path, m
 
 
 def run_state(run: Run, level: int) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+    from ticketlab.levels import load_level_weights
 
-    return load_file(str(run.level_dir(level) / "model.safetensors"))
+    return load_level_weights(run.level_dir(level) / "model.safetensors")
 
 
 def test_stored_weights_keep_pruned_entries_at_zero(tiny_hparams, tmp_path) -> None:

@@ -7,10 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from ticketlab.cli import app
+from ticketlab.levels import load_level_weights
 from ticketlab.masks import Mask
 
 
@@ -47,7 +47,7 @@ def test_a_mask_fine_tunes_another_head(source, target, tiny_bert_dir, shared_da
                                  *_task_args(target, shared_data)])
     assert result.exit_code == 0, result.output
     [ft_dir] = root.glob(f"finetune-{target}-*")
-    weights = load_file(str(ft_dir / "level_0" / "model.safetensors"))
+    weights = load_level_weights(ft_dir / "level_0" / "model.safetensors")
     encoder = {k: m for k, m in mask.tensors.items() if k.startswith("encoder.")}
     assert len(encoder) == 12 and abs(mask.sparsity - 0.1) < 1e-3
     for name, keep in encoder.items():  # exactly the mask's weights are zero after training

@@ -88,8 +88,7 @@ def _num_labels(state: dict[str, torch.Tensor], prefix: str) -> int:
 def load_level(run_ref: str | Path, level: int, root: Path | None = None) -> LevelTicket:
     """Rebuild level ``level`` of a run: θ0's architecture + the task head, the level's trained
     weights, checked against the level's mask (pruned weights must be zero) and the tokenizer."""
-    from safetensors.torch import load_file
-
+    from ticketlab.levels import load_level_weights
     from ticketlab.models import load_model, load_tokenizer
     from ticketlab.store import default_root, find_run
     from ticketlab.tasks import get_task
@@ -115,11 +114,7 @@ def load_level(run_ref: str | Path, level: int, root: Path | None = None) -> Lev
     model_ref = hp["model"]["model"]
     trust = bool(hp["model"].get("trust_remote_code", False))
     task = get_task(hp["data"]["task"])
-    try:
-        state = load_file(str(weights))
-    except Exception as e:  # safetensors raises several error types for damaged files
-        raise TicketlabError(f"Trained weights {weights} are corrupt.",
-                             "Re-run the level that wrote them.") from e
+    state = load_level_weights(weights)
     tokenizer = load_tokenizer(model_ref, trust)
     probe = load_model(model_ref, task.head, 2, trust_remote_code=trust)
     prefix = probe.base_model_prefix

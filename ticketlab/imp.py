@@ -24,6 +24,7 @@ from ticketlab.families.base import Family
 from ticketlab.hparams import RunHparams, Runtime, stable_hash
 from ticketlab.levels import (
     LevelPlan,
+    load_level_weights,
     load_tensors,
     run_level,
     save_tensors,
@@ -108,7 +109,28 @@ def find_ticket(
             console.print(f"[bold]run[/bold] {escape(str(run.path))}  "
                           f"levels at sparsity {', '.join(f'{s:.0%}' for s in schedule)}")
         ImpLevels(setup, run, runtime, console if main else Console(quiet=True)).train(schedule)
+        if main:
+            console.print(escape(storage_note(run)))
     return run
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
+
+
+def storage_note(run: Run) -> str:
+    """How much the run stores, and how to store less (issue 15.11)."""
+    files = [f for f in run.path.rglob("*") if f.is_file() and "logs" not in f.parts[
+        len(run.path.parts):]]
+    total = sum(f.stat().st_size for f in files)
+    weights = sum(f.stat().st_size for f in run.path.glob("level_*/model.safetensors"))
+    if not weights:
+        return (f"stored: {_size(total)} in {run.path} (masks and heads; no trained weights, "
+                "so `export` and `bench` need the mask fine-tuned once first)")
+    return (f"stored: {_size(total)} in {run.path}, of which {_size(weights)} are the levels' "
+            "trained weights (compact: the pruned weights are not stored); --no-save-weights "
+            f"would keep only the masks and heads ({_size(total - weights)}), but `export` and "
+            "`bench` of a level then need its mask fine-tuned once")
 
 
 class ImpLevels:
@@ -218,7 +240,7 @@ class ImpLevels:
                                "(deterministic: same result)")
             return False
         if self.main:
-            self.setup.model.load_state_dict(load_tensors(weights, "Level weights"))
+            self.setup.model.load_state_dict(load_level_weights(weights))
             stats = load_tensors(d / STATS_FILE, "Level statistics") if needs_stats else None
             self._write_next_mask(level, stats)
             self.console.print(f"level {level}: recomputed the next level's mask from the "

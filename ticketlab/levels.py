@@ -42,6 +42,46 @@ def load_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
                              "Rerun the command that made it: a damaged level is redone.") from e
 
 
+#: ``model.safetensors`` of a level: compact (issue 15.11) — every prunable matrix as its
+#: packed keep-mask and surviving values, every other tensor dense — in the compressed-ticket
+#: encoding (:func:`ticketlab.export.encode_compressed`, float32 values, so it restores the
+#: trained weights bit for bit). Stores written before hold the dense state dict; both load.
+WEIGHTS_FILE = "model.safetensors"
+
+
+def level_weights_bytes(setup: Setup, state: dict[str, torch.Tensor], mask: Mask) -> bytes:
+    """The compact bytes of a level's trained ``state`` under ``mask``."""
+    from ticketlab.export import encode_compressed
+
+    keep = {setup.full_key(name): m for name, m in mask.tensors.items()}
+    return encode_compressed({k: v.detach().cpu() for k, v in state.items()}, keep,
+                             extra={"kind": "level-weights"})
+
+
+def load_level_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A level's trained weights, compact or (older stores) dense: the one reader of
+    ``model.safetensors`` (export, the standard baseline, IMP's mask healing)."""
+    from safetensors import safe_open
+
+    from ticketlab.export import decode_compressed
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            compact = "ticketlab" in (f.metadata() or {})
+    except Exception as e:  # safetensors raises several types for damaged files
+        raise TicketlabError(f"Level weights {path} are missing or corrupt.",
+                             "Rerun the command that made them: a damaged level is redone."
+                             ) from e
+    if not compact:
+        return load_tensors(path, "Level weights")
+    try:
+        return decode_compressed(path)[0]
+    except TicketlabError as e:
+        raise TicketlabError(f"Level weights {path} are damaged ({e.problem})",
+                             "Rerun the command that made them: a damaged level is redone."
+                             ) from e
+
+
 def role_sparsity(setup_or_family: Any, mask: Mask) -> dict[str, float]:
     """Sparsity per matrix role (text: Q, K, V, attn-out, ffn-in, ffn-out, pooler)."""
     family = getattr(setup_or_family, "family", setup_or_family)
@@ -161,8 +201,8 @@ def write_level(setup: Setup, run: Run, plan: LevelPlan, mask: Mask, record: dic
         save_tensors(d / "head.safetensors", {k: state[k] for k in setup.head_names()})
         files.append("head.safetensors")
     if runtime.save_weights:
-        save_tensors(d / "model.safetensors", state)
-        files.append("model.safetensors")
+        atomic_write_bytes(d / WEIGHTS_FILE, level_weights_bytes(setup, state, mask))
+        files.append(WEIGHTS_FILE)
     if before_finish is not None:
         files += before_finish(record)
     run.finish_level(plan.level, record, files)

@@ -294,12 +294,12 @@ def fine_tuned_full_model(run: Run, setup: Setup, seed: int, runtime: Runtime
                           ) -> tuple[dict[str, torch.Tensor], float]:
     """θ_T of the full model for this seed: the run's stored level 0 when it is the same
     computation (same seed, weights saved), else fine-tuned here. Returns (state, seconds)."""
-    from ticketlab.levels import load_tensors, train_and_evaluate
+    from ticketlab.levels import WEIGHTS_FILE, load_level_weights, train_and_evaluate
     from ticketlab.masks import Mask
 
-    stored = run.level_dir(0) / "model.safetensors"
+    stored = run.level_dir(0) / WEIGHTS_FILE
     if _run_seed(run) == seed and run.level_done(0) and stored.is_file():
-        return load_tensors(stored, "Level 0 weights"), 0.0
+        return load_level_weights(stored), 0.0
     _, result, _, _ = train_and_evaluate(setup, Mask.ones_like(setup.prunable),
                                          dict(setup.theta0), runtime,
                                          f"standard: full model seed {seed}")
