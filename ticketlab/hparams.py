@@ -236,11 +236,6 @@ class TrainHparams:
                 "that many micro-batches.",
                 "Use a divisor of the batch size, e.g. --gradient-accumulation-steps 2.")
 
-    @property
-    def micro_batch_size(self) -> int:
-        """Examples per forward/backward pass."""
-        return self.batch_size // self.gradient_accumulation_steps
-
 
 def _criteria_help() -> str:
     from ticketlab.pruning import methods_help
