@@ -63,6 +63,23 @@ class Setup:
         prefix = self.family.base_prefix(self.model)
         return f"{prefix}.{name}" if prefix else name
 
+    def input_space(self) -> Any:
+        """The family's adversarial input space for this model (pixels, word embeddings)."""
+        return self.family.input_space(self.model, self.processor)
+
+    def eval_attack(self) -> Any:
+        """The evaluation attack of ``--eval-attack`` (None: standard evaluation only)."""
+        hp = self.hp.train
+        if hp.eval_attack == "none":
+            return None
+        from ticketlab.attacks import Attack
+
+        if hp.adv_eps is None or hp.adv_step is None:
+            raise TicketlabError(
+                f"Task {self.hp.data.task} has no default attack budget for --eval-attack.",
+                "Give --adv-eps and --adv-step (e.g. 0.0314 and 0.0078 for CIFAR images).")
+        return Attack(hp.adv_eps, hp.adv_step, hp.eval_attack_steps, hp.adv_norm or "linf")
+
     def mask_meta(self) -> dict[str, Any]:
         """What every mask written from this setup records about θ0."""
         return {"fingerprint": self.fingerprint, "theta0": self.digests,

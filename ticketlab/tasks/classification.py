@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ticketlab.tasks.base import Task
+from ticketlab.tasks.base import Task, classification_worst_case
 
 MetricFn = Callable[[np.ndarray, np.ndarray], float]
 
@@ -180,6 +180,13 @@ class SequenceClassificationTask(Task):
     def collator(self, tokenizer: Any) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
         """Dynamic padding via ``DataCollatorWithPadding``, labels as float32 or int64."""
         return ClassificationCollator(tokenizer, regression=self.regression)
+
+    def worst_case(self, clean: Any, adversarial: Any, batch: dict[str, Any]) -> Any:
+        """See :func:`ticketlab.tasks.base.classification_worst_case` (regression has no
+        notion of a correct prediction to attack)."""
+        if self.regression:
+            return super().worst_case(clean, adversarial, batch)
+        return classification_worst_case(clean, adversarial, batch)
 
     def predictions(self, logits: np.ndarray) -> np.ndarray:
         """Class ids (argmax) or, for regression, the single output column."""
