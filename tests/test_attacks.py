@@ -180,3 +180,9 @@ def test_adversarial_options_are_declared_once_and_validated() -> None:
         build_hparams("sst2", {"adversarial": "pgd", "adv_eps": -0.1})
     robust = build_hparams("sst2", {"eval_attack": "pgd"})
     assert robust.train.eval_attack_steps == 10 and robust.train.adv_steps is None
+
+
+def test_eval_attack_on_a_task_without_a_correct_prediction_is_refused(glue_dir) -> None:
+    hp = build_hparams("stsb", {"eval_attack": "pgd", "data_dir": str(glue_dir)})
+    with pytest.raises(TicketlabError, match="Task stsb has no robust evaluation"):
+        prepare(hp)

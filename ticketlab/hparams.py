@@ -155,8 +155,17 @@ class DataHparams:
     sample_seed: int | None = option(None, "With --max-train-samples: draw the N examples at "
                                      "random with this seed instead of the first N (for files "
                                      "ordered by source).", DATA, added_later=True)
+    #: Data-limited training (the robust-transfer papers' 1 % / 10 % transfer): a seeded,
+    #: stratified subset of the training examples.
+    train_fraction: float | None = option(
+        None, "Train on this fraction of the training examples (e.g. 0.01 or 0.1): a subset "
+        "stratified by label, drawn with --sample-seed (default 0).", DATA, added_later=True)
 
     def __post_init__(self) -> None:
+        if self.train_fraction is not None and not (
+                math.isfinite(self.train_fraction) and 0 < self.train_fraction <= 1):
+            raise TicketlabError(f"--train-fraction {self.train_fraction} must be in (0, 1].",
+                                 "Use e.g. 0.1 for 10 % of the training examples.")
         for name in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -165,7 +174,8 @@ class DataHparams:
                     f"{flag} is {value}, but a run needs at least one example.",
                     f"Pass a positive {flag}, or leave it out to use the whole split.",
                 )
-        if self.sample_seed is not None and self.max_train_samples is None:
+        if self.sample_seed is not None and self.max_train_samples is None and \
+                self.train_fraction is None:
             raise TicketlabError(
                 "--sample-seed picks which --max-train-samples examples to use, but no "
                 "--max-train-samples was given.",
@@ -497,13 +507,17 @@ class TaskDefaults(typing.Protocol):
 
 
 def build_hparams(task: str, values: Mapping[str, Any], *, prune: bool = True,
-                  task_info: Callable[[str], TaskDefaults] | None = None) -> RunHparams:
+                  task_info: Callable[[str], TaskDefaults] | None = None,
+                  drop_inactive: bool = False) -> RunHparams:
     """The one way hparams are made: from flat ``{key: value}`` (CLI options or a spec table).
 
     A key that is missing or None takes the task's paper setting (``Task.paper_defaults``),
     else the field's default. Unknown keys, task-specific keys the task does not take and task
     options it does not accept are refused. With ``prune=False`` (a single fine-tune) the
-    pruning-only options keep their defaults and the target sparsity is 0.
+    pruning-only options keep their defaults and the target sparsity is 0. An option whose
+    ``needs`` are off is refused when given — or, with ``drop_inactive`` (a command whose one
+    set of options serves runs of different roles, such as ``robust-transfer``'s standard and
+    adversarial searches), left at its default for this run.
     """
     if task_info is None:
         from ticketlab.tasks import task_class as task_info  # noqa: N813
@@ -538,7 +552,7 @@ def build_hparams(task: str, values: Mapping[str, Any], *, prune: bool = True,
                                  f"Leave {spec.flag} out (task {info.name} takes "
                                  f"{', '.join(takes) or 'none of the task-specific options'}).")
         if spec.option.needs and not _active(spec.option.needs, values, info):
-            if given is not None:
+            if given is not None and not drop_inactive:
                 names = " or ".join("--" + n.replace("_", "-") for n in spec.option.needs)
                 raise TicketlabError(f"{spec.flag} has no effect without {names}.",
                                      f"Add {names.split(' or ')[0]} …, or leave {spec.flag} "

@@ -157,6 +157,9 @@ class Task(ABC):
     #: fixed-size inputs.
     length_key: str | None = "input_ids"
 
+    #: Whether ``--eval-attack`` can score this task (a notion of a correct prediction).
+    robust_evaluation: bool = False
+
     def worst_case(self, clean: Any, adversarial: Any, batch: dict[str, Any]) -> Any:
         """Per example, the output an adversary would choose between the clean input and its
         attacked one (both are in the ε-ball); robust metrics are computed from it."""

@@ -181,6 +181,10 @@ class SequenceClassificationTask(Task):
         """Dynamic padding via ``DataCollatorWithPadding``, labels as float32 or int64."""
         return ClassificationCollator(tokenizer, regression=self.regression)
 
+    @property
+    def robust_evaluation(self) -> bool:  # type: ignore[override]
+        return not self.regression
+
     def worst_case(self, clean: Any, adversarial: Any, batch: dict[str, Any]) -> Any:
         """See :func:`ticketlab.tasks.base.classification_worst_case` (regression has no
         notion of a correct prediction to attack)."""
