@@ -200,4 +200,4 @@ def default_batch_outputs(
     A task whose raw outputs are too large to keep (MLM logits are batch × length × vocab)
     defines ``batch_outputs(outputs, batch)`` to reduce them on the fly instead.
     """
-    return {k: outputs[k].detach().float().cpu().numpy() for k in task.output_keys}
+    return {k: getattr(outputs, k).detach().float().cpu().numpy() for k in task.output_keys}
