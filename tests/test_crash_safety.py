@@ -190,3 +190,23 @@ def test_killed_export_leaves_nothing_half_written(tiny_bert_dir, csv_task_dir, 
             assert folder_bytes(out) == folder_bytes(tmp_path / "ref")
     assert launch([*export, "--to", str(out), "--force"]) == 0
     assert folder_bytes(out) == folder_bytes(tmp_path / "ref")
+
+
+@pytest.mark.integration
+def test_a_run_killed_during_an_adversarial_level_resumes_bit_identically(
+        tiny_bert_dir, csv_task_dir, tmp_path) -> None:
+    """Issue 13: the attack's random starts come from the seeded training RNG and the
+    evaluation attack from its own fixed seed, so a resumed adversarial level repeats exactly."""
+    adversarial = ["--adversarial", "pgd", "--adv-norm", "l2", "--adv-eps", "0.3",
+                   "--adv-step", "0.1", "--adv-steps", "2", "--eval-attack", "pgd",
+                   "--eval-attack-steps", "2", "--target-sparsity", "0.2"]
+    cmd = [*command(tiny_bert_dir, csv_task_dir, tmp_path / "ref"), *adversarial]
+    assert launch(cmd) == 0
+    [reference] = list_runs(tmp_path / "ref")
+    expected = essentials(reference)
+    assert all("robust_accuracy" in v["metrics"] for v in expected.values())
+    killed = [*command(tiny_bert_dir, csv_task_dir, tmp_path / "killed"), *adversarial]
+    for fault in ("step:4", "eval:2", "step:2"):  # inside level 1's training, its attack, ...
+        assert launch(killed, fault=fault) == -signal.SIGKILL
+    assert launch(killed) == 0
+    assert essentials(Run(tmp_path / "killed" / reference.path.name)) == expected

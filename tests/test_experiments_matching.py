@@ -152,3 +152,26 @@ def test_sparsity_levels_of_the_schedule(tiny_hparams) -> None:
     assert level_of_sparsity(tiny_hparams(schedule="remaining"), 0.19) == 2  # 1 - 0.9^2
     with pytest.raises(TicketlabError, match="No IMP level has sparsity 0.250"):
         level_of_sparsity(tiny_hparams(), 0.25)
+
+
+def test_double_win_needs_matching_on_standard_and_robust_accuracy() -> None:
+    """Issue 13: double-win = matching on both scores, each against its own full model."""
+    from ticketlab.experiments.matching import DoubleWin
+
+    standard = summarize("cifar10", "accuracy", [0, 1], {
+        0: (0.0, [0.90, 0.92]),    # mean 0.91, std 0.0141
+        1: (0.2, [0.91, 0.91]),    # matching
+        2: (0.36, [0.90, 0.90]),   # matching (>= 0.8959)
+        3: (0.49, [0.85, 0.86]),   # not matching
+    })
+    robust = summarize("cifar10", "robust accuracy", [0, 1], {
+        0: (0.0, [0.40, 0.44]),    # mean 0.42, std 0.0283
+        1: (0.2, [0.30, 0.31]),    # not robust-matching
+        2: (0.36, [0.41, 0.42]),   # robust-matching
+        3: (0.49, [0.45, 0.46]),   # robust-matching, but not standard-matching
+    })
+    wins = DoubleWin(standard, robust)
+    assert wins.levels == [2]
+    assert wins.highest.level == 2 and wins.highest.sparsity == 0.36
+    assert standard.highest.level == 2 and robust.highest.level == 3
+    assert wins.to_dict()["highest_double_win"] == {"level": 2, "sparsity": 0.36}

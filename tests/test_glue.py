@@ -14,8 +14,8 @@ import torch
 from ticketlab.errors import TicketlabError
 from ticketlab.tasks import get_task
 from ticketlab.tasks.base import DataSource
-from ticketlab.tasks.classification import SequenceClassificationTask
 from ticketlab.tasks.glue import GLUE_TASKS, GlueTask, MnliTask, StsbTask
+from ticketlab.tasks.sequence_classification import SequenceClassificationTask
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ runner = CliRunner()
 HF_NAMES = ("--learning-rate", "--per-device-train-batch-size", "--num-train-epochs",
             "--max-seq-length", "--output-dir", "--fp16", "--bf16",
             "--gradient-accumulation-steps", "--warmup-steps", "--lr-scheduler-type")
-TRAINING_COMMANDS = ("find", "finetune", "matching", "transfer", "rewinding")
+TRAINING_COMMANDS = ("find", "finetune", "matching", "transfer", "rewinding", "robust-transfer")
 
 
 def help_text(command: str) -> str:
@@ -36,7 +36,7 @@ def test_every_training_command_takes_the_hf_names(command: str) -> None:
         assert name in text, (command, name)
     assert [line for line in text.splitlines() if "<bool>" in line and "--help" not in line] \
         == []
-    if command in ("find", "matching", "rewinding", "transfer"):
+    if command in ("find", "matching", "rewinding", "transfer", "robust-transfer"):
         assert "--target-sparsity" in text  # one name for how far IMP goes
     assert not re.search(r"--sparsity\b", text)  # the old spelling is hidden (deprecated)
 
@@ -84,7 +84,8 @@ def test_per_device_batch_is_the_global_batch_over_processes(monkeypatch) -> Non
     result, seen = run_probe("--per-device-train-batch-size", "8",
                              "--gradient-accumulation-steps", "2")
     assert result.exit_code == 0, result.output
-    assert seen["hp"].train.batch_size == 32 and seen["hp"].train.micro_batch_size == 16
+    train = seen["hp"].train
+    assert train.batch_size == 32 and train.batch_size // train.gradient_accumulation_steps == 16
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert build_hparams("sst2", {"per_device_train_batch_size": 32}).run_id() == \
         build_hparams("sst2", {"batch_size": 32}).run_id()

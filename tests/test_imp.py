@@ -315,3 +315,22 @@ def test_movement_pruning_runs_through_find_and_a_branch(tiny_hparams, tmp_path)
     assert masks_of(magnitude)[1] != masks_of(run)[1]
     branch = run_branch(run, 1, "random", 0, QUIET, console())
     assert branch.metrics(1)["sparsity"] == pytest.approx(0.1, abs=1e-4)
+
+
+def test_train_fraction_draws_a_seeded_stratified_subset_in_file_order() -> None:
+    """Issue 13: data-limited transfer (1 % / 10 %) keeps every class, in proportion."""
+    from collections import Counter
+
+    from ticketlab.prepare import train_subset
+
+    examples = [{"label": i % 10, "idx": i} for i in range(1000)]
+    tenth = train_subset(examples, DataHparams(train_fraction=0.1))
+    assert len(tenth) == 100 and Counter(e["label"] for e in tenth) == {k: 10 for k in range(10)}
+    assert [e["idx"] for e in tenth] == sorted(e["idx"] for e in tenth)
+    assert tenth == train_subset(examples, DataHparams(train_fraction=0.1))
+    other = train_subset(examples, DataHparams(train_fraction=0.1, sample_seed=1))
+    assert other != tenth and len(other) == 100
+    tiny = train_subset(examples, DataHparams(train_fraction=0.001))
+    assert Counter(e["label"] for e in tiny) == {k: 1 for k in range(10)}  # one per class
+    with pytest.raises(TicketlabError, match="--train-fraction 0.0 must be in"):
+        DataHparams(train_fraction=0.0)

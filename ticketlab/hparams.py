@@ -41,6 +41,7 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
 
 #: Help panels of ``--help``.
 MODEL, DATA, TRAIN, PRUNE, RUNTIME = "Model", "Data", "Training", "Pruning (IMP)", "Runtime"
+ADV = "Adversarial training and robust evaluation"
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,11 @@ class Option:
     added_later: bool = False
     prune_only: bool = False
     choices: tuple[str, ...] | None = None
+    #: Keys of which at least one must be active (not None/"none"/False) for this option to
+    #: mean anything: only then does it take the task's default, and giving it otherwise is
+    #: refused (``--adv-eps`` without ``--adversarial`` or ``--eval-attack``). Keeps runs that
+    #: do not use a feature free of its settings — and their ids unchanged.
+    needs: tuple[str, ...] = ()
     #: Shown in --help instead of the default (e.g. "the task's").
     default_text: str | None = None
     #: More help generated when --help is built (a registry's entries).
@@ -155,8 +161,17 @@ class DataHparams:
     sample_seed: int | None = option(None, "With --max-train-samples: draw the N examples at "
                                      "random with this seed instead of the first N (for files "
                                      "ordered by source).", DATA, added_later=True)
+    #: Data-limited training (the robust-transfer papers' 1 % / 10 % transfer): a seeded,
+    #: stratified subset of the training examples.
+    train_fraction: float | None = option(
+        None, "Train on this fraction of the training examples (e.g. 0.01 or 0.1): a subset "
+        "stratified by label, drawn with --sample-seed (default 0).", DATA, added_later=True)
 
     def __post_init__(self) -> None:
+        if self.train_fraction is not None and not (
+                math.isfinite(self.train_fraction) and 0 < self.train_fraction <= 1):
+            raise TicketlabError(f"--train-fraction {self.train_fraction} must be in (0, 1].",
+                                 "Use e.g. 0.1 for 10 % of the training examples.")
         for name in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -165,7 +180,8 @@ class DataHparams:
                     f"{flag} is {value}, but a run needs at least one example.",
                     f"Pass a positive {flag}, or leave it out to use the whole split.",
                 )
-        if self.sample_seed is not None and self.max_train_samples is None:
+        if self.sample_seed is not None and self.max_train_samples is None and \
+                self.train_fraction is None:
             raise TicketlabError(
                 "--sample-seed picks which --max-train-samples examples to use, but no "
                 "--max-train-samples was given.",
@@ -223,6 +239,29 @@ class TrainHparams:
     gradient_accumulation_steps: int = option(
         1, "Micro-batches per optimizer step: --batch-size is split into this many "
         "micro-batches (same result, less memory).", TRAIN, added_later=True)
+    # --- adversarial training and robust evaluation (ticketlab.attacks, ticketlab.methods)
+    adversarial: str = option(
+        "none", "Training method: none (standard), pgd (PGD adversarial training), fgsm-rs "
+        "(FGSM with a random start, α = 1.25ε), freelb (FreeLB on word embeddings).", ADV,
+        added_later=True, more_help=lambda: _methods_help())
+    adv_norm: str | None = option(
+        None, "Norm of the ε-ball: linf or l2 (images: per image; text: per token).", ADV,
+        added_later=True, needs=("adversarial", "eval_attack"), choices=("linf", "l2"))
+    adv_eps: float | None = option(
+        None, "Radius ε of the ball (images: in [0, 1] pixel units, 8/255 = 0.0314).", ADV,
+        added_later=True, needs=("adversarial", "eval_attack"))
+    adv_step: float | None = option(
+        None, "Step size α of each attack step.", ADV, added_later=True,
+        needs=("adversarial", "eval_attack"))
+    adv_steps: int | None = option(
+        None, "Attack steps K during training (PGD-K; FreeLB's ascent steps).", ADV,
+        added_later=True, needs=("adversarial",))
+    eval_attack: str = option(
+        "none", "Score every level also under this attack (robust accuracy, in metrics.json "
+        "as robust_*): none or pgd (ε, α and norm as above).", ADV, added_later=True,
+        choices=("none", "pgd"))
+    eval_attack_steps: int = option(
+        10, "PGD steps of the evaluation attack.", ADV, added_later=True, needs=("eval_attack",))
 
     def __post_init__(self) -> None:
         _finite(self.lr, "--lr", "The paper uses 2e-5.", positive=True)
@@ -249,6 +288,17 @@ class TrainHparams:
         _finite(self.weight_decay, "--weight-decay", "Use 0 (the paper) or e.g. 0.01.")
         _finite(self.max_grad_norm, "--max-grad-norm",
                 "Use the paper's 1.0, or 0 to turn clipping off.")
+        _check_choice(self.adversarial, method_names(), "--adversarial")
+        for name in ("adv_eps", "adv_step"):
+            value = getattr(self, name)
+            if value is not None:
+                _finite(value, "--" + name.replace("_", "-"),
+                        "CIFAR's papers use --adv-eps 0.0314 (8/255), --adv-step 0.0078.")
+        for name in ("adv_steps", "eval_attack_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise TicketlabError(f"--{name.replace('_', '-')} {value} must be at least 1.",
+                                     "The papers use 10 (PGD-10); 3 is cheaper.")
         if self.gradient_accumulation_steps < 1 or self.batch_size % \
                 self.gradient_accumulation_steps:
             raise TicketlabError(
@@ -257,16 +307,22 @@ class TrainHparams:
                 "that many micro-batches.",
                 "Use a divisor of the batch size, e.g. --gradient-accumulation-steps 2.")
 
-    @property
-    def micro_batch_size(self) -> int:
-        """Examples per forward/backward pass."""
-        return self.batch_size // self.gradient_accumulation_steps
-
     def warmup_for(self, total_steps: int) -> int:
         """Warm-up steps of a level of ``total_steps`` optimizer steps."""
         if self.warmup_steps is not None:
             return self.warmup_steps
         return int(self.warmup_ratio * total_steps)
+
+
+def method_names() -> tuple[str, ...]:
+    """The registered training methods (:data:`ticketlab.methods.METHODS`)."""
+    from ticketlab.methods import METHODS
+
+    return tuple(METHODS)
+
+
+def _methods_help() -> str:
+    return f"Registered: {', '.join(method_names())}."
 
 
 def _global_batch(per_device: int, values: Mapping[str, Any]) -> int:
@@ -513,13 +569,17 @@ class TaskDefaults(typing.Protocol):
 
 
 def build_hparams(task: str, values: Mapping[str, Any], *, prune: bool = True,
-                  task_info: Callable[[str], TaskDefaults] | None = None) -> RunHparams:
+                  task_info: Callable[[str], TaskDefaults] | None = None,
+                  drop_inactive: bool = False) -> RunHparams:
     """The one way hparams are made: from flat ``{key: value}`` (CLI options or a spec table).
 
     A key that is missing or None takes the task's paper setting (``Task.paper_defaults``),
     else the field's default. Unknown keys, task-specific keys the task does not take and task
     options it does not accept are refused. With ``prune=False`` (a single fine-tune) the
-    pruning-only options keep their defaults and the target sparsity is 0.
+    pruning-only options keep their defaults and the target sparsity is 0. An option whose
+    ``needs`` are off is refused when given — or, with ``drop_inactive`` (a command whose one
+    set of options serves runs of different roles, such as ``robust-transfer``'s standard and
+    adversarial searches), left at its default for this run.
     """
     if task_info is None:
         from ticketlab.tasks import task_class as task_info  # noqa: N813
@@ -556,6 +616,14 @@ def build_hparams(task: str, values: Mapping[str, Any], *, prune: bool = True,
             raise TicketlabError(f"{spec.flag} does not apply to task {info.name}.",
                                  f"Leave {spec.flag} out (task {info.name} takes "
                                  f"{', '.join(takes) or 'none of the task-specific options'}).")
+        if spec.option.needs and not _active(spec.option.needs, values, info):
+            if given is not None and not drop_inactive:
+                names = " or ".join("--" + n.replace("_", "-") for n in spec.option.needs)
+                raise TicketlabError(f"{spec.flag} has no effect without {names}.",
+                                     f"Add {names.split(' or ')[0]} …, or leave {spec.flag} "
+                                     "out.")
+            parts[spec.section][spec.field] = spec.default
+            continue
         value = given if given is not None else info.paper_defaults.get(key, spec.default)
         parts[spec.section][spec.field] = _coerce(value, spec)
     parts["data"]["task"] = task
@@ -579,6 +647,16 @@ def resolve_derived(values: Mapping[str, Any]) -> dict[str, Any]:
                                  f"Give one of them ({target} is the global batch).")
         out[derived.target] = derived.convert(given, out)
     return out
+
+
+def _active(keys: tuple[str, ...], values: Mapping[str, Any], info: TaskDefaults) -> bool:
+    """Is any of ``keys`` switched on (given, else by the task's default)?"""
+    for key in keys:
+        value = values.get(key)
+        value = info.paper_defaults.get(key) if value is None else value
+        if value not in (None, "none", False):
+            return True
+    return False
 
 
 def _coerce(value: Any, spec: OptionSpec) -> Any:

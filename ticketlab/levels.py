@@ -108,6 +108,7 @@ def level_record(setup: Setup, level: int, target: float, mask: Mask, metrics: d
         "train": {"steps": result.steps, "epochs": result.epochs, "loss": result.train_loss,
                   "seconds": result.seconds, "examples_per_second": result.examples_per_second},
         "eval_seconds": eval_seconds,
+        **({"robust_score": metrics["robust_" + main]} if "robust_" + main in metrics else {}),
     }
 
 
@@ -147,12 +148,14 @@ def train_and_evaluate(setup: Setup, mask: Mask, start: dict[str, torch.Tensor],
     result = train(setup.model, setup.prunable, mask, setup.train_features, setup.collator,
                    hp.train, runtime, seed=hp.train.seed, on_step=on_step,
                    description=description, forward=setup.task.forward,
-                   method=make_method("standard", hp.train, setup.task), hooks=hooks,
+                   method=make_method(hp.train.adversarial, hp.train, setup), hooks=hooks,
                    feature_keys=setup.task.feature_keys, length_key=setup.task.length_key,
                    log=log)
     t0 = time.perf_counter()
+    attack = setup.eval_attack()
     metrics = evaluate(setup.model, setup.task, setup.eval_sets, setup.collator,
-                       hp.train.eval_batch_size, runtime)
+                       hp.train.eval_batch_size, runtime, attack=attack,
+                       space=setup.input_space() if attack is not None else None)
     return metrics, result, time.perf_counter() - t0, mask
 
 

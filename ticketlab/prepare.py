@@ -63,6 +63,23 @@ class Setup:
         prefix = self.family.base_prefix(self.model)
         return f"{prefix}.{name}" if prefix else name
 
+    def input_space(self) -> Any:
+        """The family's adversarial input space for this model (pixels, word embeddings)."""
+        return self.family.input_space(self.model, self.processor)
+
+    def eval_attack(self) -> Any:
+        """The evaluation attack of ``--eval-attack`` (None: standard evaluation only)."""
+        hp = self.hp.train
+        if hp.eval_attack == "none":
+            return None
+        from ticketlab.attacks import Attack
+
+        if hp.adv_eps is None or hp.adv_step is None:
+            raise TicketlabError(
+                f"Task {self.hp.data.task} has no default attack budget for --eval-attack.",
+                "Give --adv-eps and --adv-step (e.g. 0.0314 and 0.0078 for CIFAR images).")
+        return Attack(hp.adv_eps, hp.adv_step, hp.eval_attack_steps, hp.adv_norm or "linf")
+
     def mask_meta(self) -> dict[str, Any]:
         """What every mask written from this setup records about θ0."""
         return {"fingerprint": self.fingerprint, "theta0": self.digests,
@@ -81,14 +98,35 @@ def data_source(hp: RunHparams) -> DataSource:
 
 def train_subset(examples: list[dict[str, Any]], data: DataHparams) -> list[dict[str, Any]]:
     """The training examples a run uses: all, the first ``max_train_samples``, or — with
-    ``sample_seed`` — that many drawn at random (kept in file order)."""
+    ``sample_seed`` — that many drawn at random (kept in file order); then, with
+    ``train_fraction``, a stratified share of them."""
     n = data.max_train_samples
-    if not n or n >= len(examples):
-        return examples
-    if data.sample_seed is None:
-        return examples[:n]
-    keep = sorted(random.Random(data.sample_seed).sample(range(len(examples)), n))
-    return [examples[i] for i in keep]
+    if n and n < len(examples):
+        if data.sample_seed is None:
+            examples = examples[:n]
+        else:
+            keep = sorted(random.Random(data.sample_seed).sample(range(len(examples)), n))
+            examples = [examples[i] for i in keep]
+    if data.train_fraction is not None and data.train_fraction < 1:
+        examples = stratified_fraction(examples, data.train_fraction, data.sample_seed or 0)
+    return examples
+
+
+def stratified_fraction(examples: list[dict[str, Any]], fraction: float, seed: int
+                        ) -> list[dict[str, Any]]:
+    """``fraction`` of the examples of every label (at least one each), drawn with ``seed``
+    and kept in file order: a 1 % subset of CIFAR-10 still has every class, in proportion.
+    Examples without a ``label`` (MLM lines, SQuAD questions) are drawn as one stratum."""
+    rng = random.Random(seed)
+    strata: dict[Any, list[int]] = {}
+    for i, ex in enumerate(examples):
+        strata.setdefault(ex.get("label") if isinstance(ex, dict) else None, []).append(i)
+    keep: list[int] = []
+    for key in sorted(strata, key=repr):
+        members = strata[key]
+        k = max(1, round(len(members) * fraction))
+        keep += rng.sample(members, min(k, len(members)))
+    return [examples[i] for i in sorted(keep)]
 
 
 def load_examples(hp: RunHparams, task: Task, source: DataSource
@@ -126,6 +164,11 @@ def prepare(hp: RunHparams, runtime: Runtime | None = None, family: Family | Non
             f"Task {hp.data.task} takes {task.inputs} inputs, but {hp.model.model!r} is a "
             f"{fam.name} model ({fam.inputs} inputs).",
             f"Pick a {task.inputs} model for this task (or a {fam.inputs} task for this model).")
+    if hp.train.eval_attack != "none" and not task.robust_evaluation:
+        raise TicketlabError(
+            f"Task {hp.data.task} has no robust evaluation: --eval-attack scores classifiers "
+            "by whether a prediction survives the attack.",
+            "Leave --eval-attack out for this task (regression, span extraction, MLM).")
     if hp.model.init_mlm_head_steps and task.head != "masked-lm":
         raise TicketlabError(
             f"--init-mlm-head trains a masked-language-model head, but task {hp.data.task} "

@@ -208,6 +208,8 @@ def level_record_problem(record: Any) -> str | None:
     for key in ("score", "sparsity"):
         if not _is_number(record.get(key)):
             return f"{key!r} is {record.get(key)!r}, not a finite number"
+    if "robust_score" in record and not _is_number(record["robust_score"]):
+        return f"'robust_score' is {record['robust_score']!r}, not a finite number"
     if not isinstance(record.get("level"), int) or isinstance(record.get("level"), bool):
         return f"'level' is {record.get('level')!r}, not an integer"
     metrics = record.get("metrics", {})

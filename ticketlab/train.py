@@ -366,11 +366,16 @@ def predict(
     batch_size: int,
     runtime: Runtime = Runtime(),
     description: str = "eval",
+    attack: Any = None,
+    space: Any = None,
 ) -> tuple[dict[str, np.ndarray], float]:
     """Run the model over ``features`` and return the task's outputs in the original order.
 
     Batches are formed from length-sorted examples (much less padding), then put back in order;
-    outputs with a sequence axis (QA logits) are padded to the longest batch.
+    outputs with a sequence axis (QA logits) are padded to the longest batch. With an
+    ``attack`` (:class:`ticketlab.attacks.Attack` in the family's input ``space``) every batch
+    is attacked first and the outputs are the task's worst case of clean and attacked
+    (``Task.worst_case``): robust predictions.
     """
     dataset = FeatureDataset(features, task.feature_keys, task.length_key)
     if len(dataset) == 0:
@@ -390,6 +395,8 @@ def predict(
             batch = collator([dataset[i] for i in idx])
             batch = {k: v.to(device) for k, v in batch.items() if k in accepted}
             out = task.forward(model, batch)
+            if attack is not None:
+                out = _attacked(model, task, batch, out, attack, space)
             if getattr(out, "loss", None) is not None:
                 loss_sum += out.loss.item() * len(idx)
                 loss_count += len(idx)
@@ -410,6 +417,21 @@ def predict(
     return outputs, loss_sum / max(loss_count, 1)
 
 
+def _attacked(model: nn.Module, task: Task, batch: dict[str, Any], clean: Any, attack: Any,
+              space: Any) -> Any:
+    """The task's worst case of the clean output and the output under ``attack``."""
+    from ticketlab.attacks import perturb
+
+    x0, delta = perturb(model, batch, task.forward, space, attack)
+    adversarial = task.forward(model, space.batch_with(batch, x0, delta))
+    return task.worst_case(clean, adversarial, batch)
+
+
+#: Seed of the evaluation attack's random starts: every level and seed of a run is attacked
+#: the same way, and the training RNG is left untouched.
+EVAL_ATTACK_SEED = 1234
+
+
 def evaluate(
     model: nn.Module,
     task: Task,
@@ -417,8 +439,13 @@ def evaluate(
     collator: Callable[[list[dict[str, Any]]], dict[str, Any]],
     batch_size: int,
     runtime: Runtime = Runtime(),
+    attack: Any = None,
+    space: Any = None,
 ) -> dict[str, float]:
-    """Score every evaluation split; metric names get the split's prefix (MNLI's ``mm_``)."""
+    """Score every evaluation split; metric names get the split's prefix (MNLI's ``mm_``).
+
+    With an ``attack`` the splits are scored twice: as usual, and under the attack with the
+    metric names prefixed ``robust_`` (``robust_accuracy``)."""
     metrics: dict[str, float] = {}
     for split, (features, examples) in eval_sets.items():
         prefix = task.eval_splits.get(split, f"{split}_")
@@ -427,4 +454,13 @@ def evaluate(
         for k, v in task.compute_metrics(outputs, features, examples).items():
             metrics[prefix + k] = float(v)
         metrics[prefix + "eval_loss"] = loss
+        if attack is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(EVAL_ATTACK_SEED)
+                outputs, loss = predict(model, task, features, collator, batch_size, runtime,
+                                        description=f"attack {split}", attack=attack,
+                                        space=space)
+            for k, v in task.compute_metrics(outputs, features, examples).items():
+                metrics[f"{prefix}robust_{k}"] = float(v)
+            metrics[f"{prefix}robust_eval_loss"] = loss
     return metrics

@@ -145,7 +145,7 @@ def matching(
     matching: at least that mean. --json prints what matching-<task>.json holds."""
     from ticketlab.experiments.baselines import check_kind
     from ticketlab.experiments.common import seed_list
-    from ticketlab.experiments.matching import run_matching
+    from ticketlab.experiments.matching import double_win, run_matching
     from ticketlab.reports.tables import matching_table
     from ticketlab.store import atomic_write_json
 
@@ -154,16 +154,26 @@ def matching(
     with messages_to_stderr(fmt):
         summary, group = run_matching(hp, seed_list(hp.train.seed, seeds), root, runtime,
                                       console, kinds)
-    data = {**summary.to_dict(), "runs": [r.path.name for r in group.runs.values()]}
-    atomic_write_json(out / f"matching-{hp.data.task}.json", data)
+    record = {**summary.to_dict(), "runs": [r.path.name for r in group.runs.values()]}
+    wins = double_win(group)
+    if wins is not None:  # scored under --eval-attack: Double-Win matching too
+        record["double_win"] = wins.to_dict()
+    atomic_write_json(out / f"matching-{hp.data.task}.json", record)
     if fmt == "json":
-        print_json(data)
+        print_json(record)
         return
-    print_table(matching_table(data), fmt)
-    if fmt == "table":
-        best = summary.highest
-        console.print("highest matching sparsity: "
-                      + (f"{best.sparsity:.1%} (level {best.level})" if best else "none"))
+    print_table(matching_table(record), fmt)
+    if fmt == "csv":
+        return
+    best = summary.highest
+    say("highest matching sparsity: {}",
+        f"{best.sparsity:.1%} (level {best.level})" if best else "none")
+    if wins is not None:
+        print_table(matching_table(wins.robust.to_dict()))
+        for label, level in (("robust-matching", wins.robust.highest),
+                             ("double-win", wins.highest)):
+            say("highest {} sparsity: {}", label,
+                f"{level.sparsity:.1%} (level {level.level})" if level else "none")
 
 
 @app.command(rich_help_panel=_E)
@@ -246,6 +256,60 @@ def transfer(
                           runtime, console, one_shot)
     print_table(transfer_table(result.to_dict()))
     paths = write_transfer(result, out)
+    say("written: {}", ", ".join(str(p) for p in paths.values()))
+
+
+@app.command("robust-transfer", rich_help_panel=_E)
+@with_task_options()
+def robust_transfer(
+    build: Callable[..., RunHparams],
+    runtime: Runtime,
+    root: Path,
+    source: str = typer.Option(..., help="The source task both tickets are searched on.",
+                               rich_help_panel=_E),
+    targets: str = typer.Option(..., help="Comma-separated target tasks.", rich_help_panel=_E),
+    target_sparsity: float | None = typer.Option(
+        None, "--target-sparsity", help="Sparsity of the transferred tickets: the source "
+        "searches' IMP level at this sparsity (required).", rich_help_panel=_E),
+    old_sparsity: float | None = typer.Option(None, "--at-sparsity", hidden=True,
+                                              help="Deprecated: --target-sparsity."),
+    source_adversarial: str = typer.Option("pgd", help="Training method of the robust "
+                                           "ticket's search (pgd, fgsm-rs, freelb).",
+                                           rich_help_panel=_E),
+    seeds: int = typer.Option(1, help="Fine-tuning seeds per cell, from --seed.",
+                              rich_help_panel=_E),
+    out: Path = typer.Option(REPORTS, help="Folder for robust_transfer.{csv,json,png}.",
+                             rich_help_panel=_E),
+) -> None:
+    """Robust tickets transfer better? The vanilla and the adversarially found IMP ticket of
+    --source, at one sparsity, each fine-tuned on every target beside the full model.
+
+    The training options apply to the targets (add --adversarial for adversarial transfer,
+    --train-fraction 0.01 for data-limited transfer, --eval-attack pgd for robust accuracy)
+    and to both source searches; the robust search also trains with --source-adversarial."""
+    from ticketlab.experiments.common import seed_list, with_seed
+    from ticketlab.experiments.robust import (
+        run_robust_transfer,
+        source_runs,
+        write_robust_transfer,
+    )
+    from ticketlab.reports.tables import robust_transfer_table
+
+    sparsity = renamed(target_sparsity, "--target-sparsity", old_sparsity, "--at-sparsity")
+    if sparsity is None:
+        raise TicketlabError("robust-transfer needs the sparsity of the tickets it transfers.",
+                             "Pass --target-sparsity, e.g. --target-sparsity 0.5.")
+    tgt = _names(targets, "--targets")
+    # one set of options, three roles: --adv-* configure whichever runs attack
+    per_task = {t: build(t, drop_inactive=True) for t in tgt}
+    sources = source_runs(build(source, True, adversarial="none", train_fraction=None),
+                          build(source, True, adversarial=source_adversarial,
+                                train_fraction=None), sparsity)
+    first = per_task[tgt[0]].train.seed
+    result = run_robust_transfer(lambda t, s: with_seed(per_task[t], s), sources, source, tgt,
+                                 sparsity, seed_list(first, seeds), root, runtime, console)
+    print_table(robust_transfer_table(result.to_dict()))
+    paths = write_robust_transfer(result, out)
     say("written: {}", ", ".join(str(p) for p in paths.values()))
 
 

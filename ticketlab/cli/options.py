@@ -202,8 +202,9 @@ def with_task_options() -> Callable[..., Any]:
             values = _hparams_values(opts, TRAINING)
             values["target_sparsity"] = 0.0
 
-            def build(task: str) -> RunHparams:
-                return build_hparams(task, values)
+            def build(task: str, drop_inactive: bool = False, **overrides: Any) -> RunHparams:
+                return build_hparams(task, {**values, **overrides},
+                                     drop_inactive=drop_inactive)
 
             return {"build": build, "runtime": make_runtime(opts),
                     "root": resolve_root(opts["root"])}

@@ -161,11 +161,13 @@ class SeedGroup:
     def rewind_step(self) -> int:
         return int(self.identity["prune"]["rewind_step"])
 
-    def level_scores(self) -> dict[int, tuple[float, list[float]]]:
-        """level -> (sparsity, one score per seed), for levels every run has finished."""
+    def level_scores(self, key: str = "score") -> dict[int, tuple[float, list[float]]]:
+        """level -> (sparsity, one ``key`` per seed: ``score``, or ``robust_score`` under the
+        evaluation attack), for levels every run has finished with that key."""
         per_run = [{lvl: run.metrics(lvl) for lvl in run.levels()} for run in self.runs.values()]
         common = set.intersection(*(set(d) for d in per_run)) if per_run else set()
-        return {lvl: (per_run[0][lvl]["sparsity"], [d[lvl]["score"] for d in per_run])
+        common = {lvl for lvl in common if all(key in d[lvl] for d in per_run)}
+        return {lvl: (per_run[0][lvl]["sparsity"], [d[lvl][key] for d in per_run])
                 for lvl in sorted(common)}
 
     def main_metric(self) -> str:

@@ -115,12 +115,53 @@ def summarize(task: str, metric: str, seeds: Sequence[int],
     return MatchingSummary(task, metric, list(seeds), full, levels)
 
 
-def summarize_group(group: SeedGroup) -> MatchingSummary | None:
-    """The matching summary of a group of seeded runs (None until every seed has level 0)."""
-    scores = group.level_scores()
+def summarize_group(group: SeedGroup, key: str = "score") -> MatchingSummary | None:
+    """The matching summary of a group of seeded runs on ``key`` (``score``; ``robust_score``
+    for robust accuracy) — None until every seed has level 0 with that key."""
+    scores = group.level_scores(key)
     if 0 not in scores:
         return None
-    return summarize(group.task, group.main_metric(), group.seeds, scores)
+    metric = group.main_metric()
+    return summarize(group.task, metric if key == "score" else f"robust {metric}",
+                     group.seeds, scores)
+
+
+@dataclass
+class DoubleWin:
+    """Double-Win matching (Double-Win LTH, ICML 2022): a level is double-win when it is
+    matching on standard AND on robust accuracy, each within one std of the full model's."""
+
+    standard: MatchingSummary
+    robust: MatchingSummary
+
+    @property
+    def levels(self) -> list[int]:
+        robust = {s.level: s for s in self.robust.levels}
+        return [s.level for s in self.standard.levels
+                if s.matching and s.level in robust and robust[s.level].matching]
+
+    @property
+    def highest(self) -> LevelSummary | None:
+        """The sparsest double-win level (its standard-accuracy summary)."""
+        wins = set(self.levels)
+        ok = [s for s in self.standard.levels if s.level in wins]
+        return max(ok, key=lambda s: s.sparsity) if ok else None
+
+    def to_dict(self) -> dict[str, Any]:
+        best = self.highest
+        return {"standard": self.standard.to_dict(), "robust": self.robust.to_dict(),
+                "double_win_levels": self.levels,
+                "highest_double_win": None if best is None else
+                {"level": best.level, "sparsity": best.sparsity}}
+
+
+def double_win(group: SeedGroup) -> DoubleWin | None:
+    """The Double-Win summary of a group whose runs were scored under an evaluation attack
+    (``--eval-attack``); None when they were not."""
+    standard, robust = summarize_group(group), summarize_group(group, "robust_score")
+    if standard is None or robust is None:
+        return None
+    return DoubleWin(standard, robust)
 
 
 def run_matching(

@@ -104,6 +104,12 @@ class Family(ABC):
         raise TicketlabError(f"Family {self.name} cannot re-initialise its weights.",
                              "Use another baseline.")
 
+    def input_space(self, model: nn.Module, processor: Any) -> Any:
+        """Where adversarial training and robust evaluation perturb the inputs
+        (:class:`ticketlab.attacks.InputSpace`: pixels, word embeddings)."""
+        raise TicketlabError(f"Family {self.name} has no adversarial input space.",
+                             "Leave --adversarial and --eval-attack out for this model.")
+
     def outlier_advice(self) -> str:
         """What ``describe`` tells a user whose matrix is far smaller than the rest."""
         return "--exclude it, or use --method global-normalized"

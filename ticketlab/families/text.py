@@ -228,6 +228,12 @@ class TextEncoderFamily(Family):
         params = dict(fresh.base_model.named_parameters())
         return {n: params[n].detach().clone() for n in names}
 
+    def input_space(self, model: nn.Module, processor: Any) -> Any:
+        """Text is attacked on the word embeddings (token ids cannot take gradients)."""
+        from ticketlab.attacks import EmbeddingSpace
+
+        return EmbeddingSpace()
+
     def outlier_advice(self) -> str:
         return "--no-prune-pooler (or --exclude for other matrices), or --method global-normalized"
 

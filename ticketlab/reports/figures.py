@@ -205,6 +205,28 @@ def plot_overlap(labels: Sequence[str], observed: Sequence[Sequence[float]],
     save_png(fig, path)
 
 
+def plot_robust_transfer(targets: Sequence[str], deltas: dict[str, Sequence[float]],
+                         robust_deltas: dict[str, Sequence[float]] | None, title: str,
+                         path: Path) -> None:
+    """Grouped bars: score − full model per target, one bar per ticket (vanilla beside
+    robust), and the same for robust accuracy in a second panel when it was measured."""
+    panels = [deltas] + ([robust_deltas] if robust_deltas else [])
+    fig = new_figure(4 + 1.6 * len(targets), 3.6, layout="tight")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    width = 0.38
+    for ax, values, robust in zip(axes, panels, (False, True), strict=False):
+        xs = range(len(targets))
+        for k, (ticket, row) in enumerate(values.items()):
+            ax.bar([x + (k - 0.5) * width for x in xs], [v * 100 for v in row], width,
+                   label=ticket)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xticks(list(xs), list(targets))
+        ax.set_ylabel(("robust " if robust else "") + "score − full model (points)")
+        ax.legend()
+    fig.suptitle(title)
+    save_png(fig, path)
+
+
 #: One point of bench's sweep: (sparsity, wall-time speed-up, CPU-time speed-up or None).
 BenchPoint = tuple[float, float, "float | None"]
 

@@ -401,6 +401,32 @@ def transfer_table(result: Mapping[str, Any], labels: Callable[[str], str] = str
     return table
 
 
+def robust_transfer_table(result: Mapping[str, Any]) -> Table:
+    """Vanilla against robust tickets transferred (a ``RobustTransfer.to_dict()``): per target
+    the score (Δ vs the full model) and, when measured, the robust score."""
+    targets = result["targets"]
+    table = Table([Column("ticket", "ticket"), *(Column(t, t) for t in targets)],
+                  title=f"{result['source']} tickets at {result['sparsity']:.0%} (vanilla vs "
+                        f"{result['source_method']}), transferred")
+    rows = {(r["ticket"], r["target"]): r for r in result["rows"]}
+    for ticket in dict.fromkeys(r["ticket"] for r in result["rows"]):
+        cells: dict[str, Any] = {"ticket": "full model" if ticket == "full" else ticket}
+        for target in targets:
+            r = rows.get((ticket, target))
+            if r is None or r["score"] is None:
+                cells[target] = "-"
+                continue
+            text = mean_std(_Stats(r["score"], r["std"], r["n"]), digits=2)
+            if r["delta"] is not None:
+                text += f" ({r['delta'] * 100:+.2f})"
+            if r["robust_score"] is not None:
+                text += " / robust " + mean_std(_Stats(r["robust_score"], r["robust_std"],
+                                                       r["n"]), digits=2)
+            cells[target] = text
+        table.add(cells)
+    return table
+
+
 # --- Table 2 ----------------------------------------------------------------------------------
 class LevelScore(Protocol):
     """An IMP level over seeds (:class:`ticketlab.experiments.matching.LevelSummary`)."""

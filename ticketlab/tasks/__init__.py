@@ -12,10 +12,10 @@ from collections.abc import Callable
 
 from ticketlab.errors import TicketlabError
 from ticketlab.tasks.base import DataSource, Task
+from ticketlab.tasks.csv_json import TextClassificationTask
 from ticketlab.tasks.glue import GLUE_TASKS
 from ticketlab.tasks.mlm import MlmTask
 from ticketlab.tasks.squad import SquadTask
-from ticketlab.tasks.text_classification import TextClassificationTask
 
 #: Canonical name -> factory(source) building the task.
 _FACTORIES: dict[str, Callable[[DataSource | None], Task]] = {

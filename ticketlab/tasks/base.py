@@ -55,8 +55,14 @@ class Task(ABC):
     #: Task-specific settings (SQuAD's ``doc_stride``, MLM's ``block_size``) appear only on the
     #: tasks they apply to; passing them for another task is an error. The base values are
     #: the paper's GLUE settings (lr 2e-5, batch 32, 3 epochs, 128 tokens).
+    #: Adversarial training of text (used only with --adversarial/--eval-attack): FreeLB's
+    #: SST-2 settings (zhuchen03/FreeLB, huggingface-transformers/launch/run_glue.sh: adv-lr
+    #: 1e-1, 2 ascent steps), in an L2 ball per token of radius 0.2 — about a fifth of a
+    #: MiniLM word embedding's norm (mean 1.07); FreeLB's own SST-2 run leaves the ball
+    #: unbounded (adv-max-norm 0), which a robust-accuracy number cannot use.
     paper_defaults: dict[str, Any] = {"lr": 2e-5, "batch_size": 32, "epochs": 3.0,
-                                      "max_length": 128}
+                                      "max_length": 128, "adv_norm": "l2", "adv_eps": 0.2,
+                                      "adv_step": 0.1, "adv_steps": 2}
 
     #: Task-specific DataHparams fields (SQuAD's ``doc_stride``, MLM's ``block_size``): each is
     #: an attribute holding the paper's default until :meth:`configure` reads the run's value.
@@ -151,6 +157,27 @@ class Task(ABC):
     #: fixed-size inputs.
     length_key: str | None = "input_ids"
 
+    #: Whether ``--eval-attack`` can score this task (a notion of a correct prediction).
+    robust_evaluation: bool = False
+
+    def worst_case(self, clean: Any, adversarial: Any, batch: dict[str, Any]) -> Any:
+        """Per example, the output an adversary would choose between the clean input and its
+        attacked one (both are in the ε-ball); robust metrics are computed from it."""
+        raise TicketlabError(f"Task {self.name} has no robust evaluation.",
+                             "Use --eval-attack with a classification task.")
+
+
+def classification_worst_case(clean: Any, adversarial: Any, batch: dict[str, Any]) -> Any:
+    """The adversarial logits where the clean prediction is right, the clean ones where it is
+    already wrong: an example counts as robust only if both are classified correctly, so
+    robust accuracy can never exceed standard accuracy (RobustBench's convention)."""
+    import torch
+    from transformers.modeling_outputs import SequenceClassifierOutput
+
+    right = clean.logits.argmax(-1) == batch["labels"]
+    logits = torch.where(right.unsqueeze(-1), adversarial.logits, clean.logits)
+    return SequenceClassifierOutput(loss=adversarial.loss, logits=logits)
+
 
 
 def explicit_file(value: str, option: str, root: Path | None) -> Path:
@@ -173,4 +200,4 @@ def default_batch_outputs(
     A task whose raw outputs are too large to keep (MLM logits are batch × length × vocab)
     defines ``batch_outputs(outputs, batch)`` to reduce them on the fly instead.
     """
-    return {k: outputs[k].detach().float().cpu().numpy() for k in task.output_keys}
+    return {k: getattr(outputs, k).detach().float().cpu().numpy() for k in task.output_keys}

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 from ticketlab.errors import TicketlabError
 from ticketlab.tasks.base import DataSource
-from ticketlab.tasks.classification import SequenceClassificationTask
+from ticketlab.tasks.sequence_classification import SequenceClassificationTask
 
 #: The hub dataset used when no local folder is given.
 HUB_DATASET = "nyu-mll/glue"

@@ -14,8 +14,8 @@ import torch
 from ticketlab.errors import TicketlabError
 from ticketlab.tasks import TASK_NAMES, get_task
 from ticketlab.tasks.base import DataSource
+from ticketlab.tasks.csv_json import TextClassificationTask, sorted_labels
 from ticketlab.tasks.glue import MnliTask, Sst2Task, StsbTask
-from ticketlab.tasks.text_classification import TextClassificationTask, sorted_labels
 
 
 @pytest.fixture(scope="module")

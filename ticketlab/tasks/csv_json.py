@@ -18,7 +18,7 @@ from typing import Any
 
 from ticketlab.errors import TicketlabError
 from ticketlab.tasks.base import DataSource, explicit_file
-from ticketlab.tasks.classification import SequenceClassificationTask
+from ticketlab.tasks.sequence_classification import SequenceClassificationTask
 
 #: Option keys understood in ``DataSource.options`` (all values are strings).
 OPTIONS = ("text_column", "text_pair_column", "label_column", "train_file", "eval_file")
