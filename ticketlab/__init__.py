@@ -29,8 +29,9 @@ _LAZY = {
     "prepare": "ticketlab.prepare", "Setup": "ticketlab.prepare",
     "find_ticket": "ticketlab.imp", "finetune": "ticketlab.imp",
     "export_level": "ticketlab.export", "load_ticket": "ticketlab.export",
+    "load_level": "ticketlab.export",
     "accelerate_ticket": "ticketlab.sparse",
-    "TicketMaskCallback": "ticketlab.hf",
+    "TicketMaskCallback": "ticketlab.hf", "mask_parameters": "ticketlab.hf",
 }
 
 __all__ = sorted([*_LAZY, "__version__"])

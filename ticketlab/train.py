@@ -4,7 +4,8 @@ Why a lean loop on accelerate instead of the HF Trainer: IMP needs to act at exa
 every step — mask the gradients *before* clipping (so pruned weights do not eat the clipping
 budget), re-zero pruned weights *after* the optimizer step (a safety net against any optimizer
 that moves zeros), snapshot θ_i at step i for rewinding — and to be bit-reproducible for resume.
-A Trainer callback sees the step only after clipping. accelerate still gives us device
+A Trainer callback's events come only after clipping (:mod:`ticketlab.hf` reaches
+inside the Trainer's step with tensor hooks instead). accelerate still gives us device
 placement, bf16/fp16 autocast and DDP; logging goes to the per-level tracker the level
 lifecycle opens (:mod:`ticketlab.tracking`), never to a process-wide one.
 """
@@ -105,6 +106,9 @@ def get_accelerator(runtime: Runtime) -> Any:
     with N processes every optimizer step sees the same examples as a single-process run, each
     process taking 1/N of them, so DDP and single-process runs follow the same trajectory.
     """
+    from ticketlab.tracking import check_report_to
+
+    check_report_to(runtime.report_to)  # every call: the cached Accelerator knows no trackers
     key = (runtime.device, runtime.precision)
     if key not in _ACCELERATORS:
         _ACCELERATORS[key] = make_accelerator(runtime)
@@ -122,9 +126,6 @@ def make_accelerator(runtime: Runtime) -> Any:
                              "Use --device cpu, or run on a machine with a GPU.")
     if runtime.precision not in ("no", "bf16", "fp16"):
         raise TicketlabError(f"Unknown --precision {runtime.precision!r}.", "Use no, bf16 or fp16.")
-    from ticketlab.tracking import check_report_to
-
-    check_report_to(runtime.report_to)  # before any run is touched
     return Accelerator(
         cpu=device == "cpu",
         mixed_precision=runtime.precision,
