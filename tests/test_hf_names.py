@@ -154,3 +154,10 @@ def test_task_commands_take_the_same_generated_options() -> None:
 
     result = runner.invoke(probe, ["--per-device-train-batch-size", "4"])
     assert result.exit_code == 0 and result.output.strip() == "4"
+
+
+def test_robust_transfer_needs_its_target_sparsity(tmp_path) -> None:
+    result = runner.invoke(app, ["robust-transfer", "--source", "sst2", "--targets", "mrpc",
+                                 "--root", str(tmp_path / "runs")])
+    assert result.exit_code == 2 and "Pass --target-sparsity" in result.output
+    assert not (tmp_path / "runs").exists()

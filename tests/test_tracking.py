@@ -122,3 +122,19 @@ def test_hparams_are_flattened_for_tensorboard() -> None:
     assert flat == {"data/task": "sst2", "data/max_train_samples": "null",
                     "data/options": '[["text_column", "t"]]', "prune/include": "[]",
                     "prune/prune_pooler": False}
+
+
+def test_a_tracker_whose_package_is_missing_is_refused_before_anything_runs(
+        tiny_hparams, tmp_path, monkeypatch) -> None:
+    import importlib.util
+
+    from ticketlab.errors import TicketlabError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(TicketlabError, match="--report-to wandb needs the wandb package") as e:
+        find_ticket(tiny_hparams(), tmp_path / "runs",
+                    Runtime(progress=False, report_to="wandb"), Console(quiet=True))
+    assert e.value.fix == "Run: pip install wandb"
+    assert not (tmp_path / "runs").exists()  # nothing half-written

@@ -555,7 +555,14 @@ def _run_on_ray(spec: Spec, cells: Sequence[Cell], root: Path, runtime: Runtime,
                              "Run: pip install 'ticketlab[ray]'  (or pip install ray)") from e
     if not ray.is_initialized():
         if address:
-            ray.init(address=address, log_to_driver=False)
+            try:
+                ray.init(address=address, log_to_driver=False)
+            except (ConnectionError, ValueError) as e:
+                raise TicketlabError(
+                    f"Cannot reach the Ray cluster at {address}: {str(e).splitlines()[0]}",
+                    "Check the address (`ray status` on a node prints it; `auto` finds the "
+                    "cluster of this node) and, for a cluster with token authentication, set "
+                    "RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) as on its nodes.") from e
         else:
             ray.init(include_dashboard=False, log_to_driver=False)
     task = ray.remote(num_cpus=1)(ray_cell)
