@@ -210,7 +210,8 @@ def test_the_example_matches_ticketlab_finetune_within_seed_noise(glue_dir, tmp_
     assert theirs["sparsity"] == pytest.approx(Mask.load(mask).sparsity)
     mean, std = statistics.fmean(ours), statistics.stdev(ours)
     print(f"ticketlab finetune seeds 0-2: {ours}; Trainer seed 0: {theirs['eval_accuracy']}")
-    assert mean > 0.6  # the budget is enough to learn something: the comparison means a thing
+    assert mean > 0.55  # above chance (dev majority 50.9 %): the comparison means a thing
+    # measured: ticketlab seeds 0-2 67.75 / 60.50 / 57.25, the Trainer (seed 0) 67.75
     assert abs(theirs["eval_accuracy"] - mean) <= 3 * std + 0.01, (theirs, ours)
     saved = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf")
     params = mask_parameters(saved, Mask.load(mask))
