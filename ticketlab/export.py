@@ -23,6 +23,7 @@ score); it is for people and is not needed to load anything.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -53,6 +54,8 @@ TICKET_FORMAT = "ticketlab.ticket"
 TICKET_VERSION = 1
 TICKET_FILE = "ticket.safetensors"
 INFO_FILE = "ticket.json"
+#: Heads whose stored classifier says how many labels the task had.
+CLASSIFIER_HEADS = ("sequence-classification", "image-classification")
 _MASK_SUFFIX = "::mask"
 _VALUES_SUFFIX = "::values"
 
@@ -121,9 +124,11 @@ def load_level(run_ref: str | Path, level: int, root: Path | None = None) -> Lev
         raise TicketlabError(f"Trained weights {weights} are corrupt.",
                              "Re-run the level that wrote them.") from e
     tokenizer = load_tokenizer(model_ref, trust)
+    if hasattr(tokenizer, "native_size"):  # an image spec: the export resizes to the run's size
+        tokenizer = dataclasses.replace(tokenizer, size=hp["data"].get("image_size"))
     probe = load_model(model_ref, task.head, 2, trust_remote_code=trust)
     prefix = probe.base_model_prefix
-    num_labels = _num_labels(state, prefix) if task.head == "sequence-classification" else 2
+    num_labels = _num_labels(state, prefix) if task.head in CLASSIFIER_HEADS else 2
     model = probe if num_labels == 2 else load_model(model_ref, task.head, num_labels,
                                                      trust_remote_code=trust)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -165,7 +170,7 @@ def task_labels(hp: dict[str, Any], head: str, num_labels: int
     from ticketlab.prepare import data_source
     from ticketlab.tasks import get_task
 
-    if head != "sequence-classification":
+    if head not in CLASSIFIER_HEADS:
         return None, None
     try:
         task = get_task(hp["data"]["task"], data_source(RunHparams.from_dict(hp)))

@@ -35,6 +35,8 @@ from typing import Any
 from ticketlab.errors import TicketlabError
 
 SCHEDULES = ("original", "remaining")
+OPTIMIZERS = ("adamw", "sgd")
+LR_SCHEDULES = ("linear", "step")
 
 #: Help panels of ``--help``.
 MODEL, DATA, TRAIN, PRUNE, RUNTIME = "Model", "Data", "Training", "Pruning (IMP)", "Runtime"
@@ -149,6 +151,11 @@ class DataHparams:
     sample_seed: int | None = option(None, "With --max-train-samples: draw the N examples at "
                                      "random with this seed instead of the first N (for files "
                                      "ordered by source).", DATA, added_later=True)
+    #: Image tasks: the side (pixels) of the square images the model is fed; CIFAR's native
+    #: 32, or larger to upsample (closer to the 224 px an ImageNet model was trained at).
+    image_size: int | None = option(None, "image tasks: side in pixels of the images the "
+                                    "model sees (CIFAR: 32 native; larger upsamples).", DATA,
+                                    task_specific=True, added_later=True)
 
     def __post_init__(self) -> None:
         for name in ("max_train_samples", "max_eval_samples"):
@@ -175,6 +182,10 @@ class DataHparams:
                 f"{self.max_length}: it is the overlap of consecutive context windows.",
                 "Use the paper's 128 with --max-length 384.",
             )
+        if self.image_size is not None and not 8 <= self.image_size <= 1024:
+            raise TicketlabError(
+                f"--image-size {self.image_size} is outside 8..1024 pixels.",
+                "Use 32 (CIFAR's native size) or e.g. 224 (what ImageNet models saw).")
         if self.block_size is not None and self.block_size < 8:
             raise TicketlabError(
                 f"--block-size {self.block_size} is too short for masked language modelling.",
@@ -204,7 +215,7 @@ class TrainHparams:
     epochs: float = option(3.0, "Epochs per level.", TRAIN, aliases=("--num-train-epochs",))
     max_steps: int | None = option(None, "Optimizer steps per level (overrides epochs).", TRAIN)
     warmup_ratio: float = option(0.0, "Linear warm-up share of the steps.", TRAIN)
-    weight_decay: float = option(0.0, "AdamW weight decay.", TRAIN)
+    weight_decay: float = option(0.0, "Weight decay.", TRAIN)
     max_grad_norm: float = option(1.0, "Gradient clipping norm (0 = no clipping).", TRAIN)
     seed: int = option(0, "Seed of head init, data order and dropout.", TRAIN)
     group_by_length: bool = option(True, "Batch examples of similar length.", TRAIN)
@@ -212,6 +223,18 @@ class TrainHparams:
     gradient_accumulation_steps: int = option(
         1, "Micro-batches per optimizer step: --batch-size is split into this many "
         "micro-batches (same result, less memory).", TRAIN, added_later=True)
+    #: AdamW (the BERT paper) or SGD with momentum (the vision paper's code).
+    optimizer: str = option("adamw", "Optimizer: adamw (weight decay off for biases and "
+                            "norms) or sgd (momentum, weight decay on every parameter, as "
+                            "the vision paper's code).", TRAIN, added_later=True,
+                            choices=OPTIMIZERS)
+    momentum: float = option(0.9, "SGD momentum.", TRAIN, added_later=True)
+    #: linear: warm-up then linear decay to 0 (BERT); step: warm-up, then the learning rate
+    #: ×0.1 at 50 % and ×0.01 at 75 % of the steps (the vision code's MultiStepLR 91/136 of
+    #: 182 epochs).
+    lr_schedule: str = option("linear", "Learning-rate schedule after warm-up: linear decay "
+                              "to 0, or step (x0.1 at 50 % and 75 % of the steps).", TRAIN,
+                              added_later=True, choices=LR_SCHEDULES)
 
     def __post_init__(self) -> None:
         _finite(self.lr, "--lr", "The paper uses 2e-5.", positive=True)
@@ -228,6 +251,11 @@ class TrainHparams:
         _finite(self.weight_decay, "--weight-decay", "Use 0 (the paper) or e.g. 0.01.")
         _finite(self.max_grad_norm, "--max-grad-norm",
                 "Use the paper's 1.0, or 0 to turn clipping off.")
+        _check_choice(self.optimizer, OPTIMIZERS, "--optimizer")
+        _check_choice(self.lr_schedule, LR_SCHEDULES, "--lr-schedule")
+        if not (math.isfinite(self.momentum) and 0 <= self.momentum < 1):
+            raise TicketlabError(f"--momentum {self.momentum} must be in [0, 1).",
+                                 "The vision paper's code uses 0.9.")
         if self.gradient_accumulation_steps < 1 or self.batch_size % \
                 self.gradient_accumulation_steps:
             raise TicketlabError(

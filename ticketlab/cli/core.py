@@ -16,7 +16,8 @@ from ticketlab.errors import TicketlabError
 from ticketlab.hparams import RunHparams, Runtime
 
 TASK_HELP = ("GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli), squad, mlm, or "
-             "csv/json for your own data.")
+             "csv/json for your own data; images: cifar10, cifar100, cifar10-animals, "
+             "cifar10-vehicles, imagefolder.")
 
 
 @app.command()
@@ -136,7 +137,8 @@ def show(
 @app.command()
 @friendly
 def describe(
-    model: str = typer.Option("minilm", help="Model folder, hub id, or 'minilm'."),
+    model: str = typer.Option("minilm", help="Model folder, hub id, 'minilm', or an image "
+                              "model ('mobilenet_v2', a .pth/.safetensors checkpoint)."),
     prune_pooler: bool = typer.Option(True, help="Include the pooler.", metavar=""),
     include: list[str] | None = typer.Option(None, help="Regex of extra matrices."),
     exclude: list[str] | None = typer.Option(None, help="Regex of matrices to keep dense."),
@@ -169,4 +171,6 @@ def describe(
                 "matrices; a global magnitude ranking removes {} of it at 10 % overall sparsity "
                 "and {} at 50 %. To avoid it: {}.", r.name, f"{r.mean_abs:.4f}",
                 f"{at[0.1][r.name]:.0%}", f"{at[0.5][r.name]:.0%}", fam.outlier_advice())
+    for line in fam.describe_notes(stats, at):
+        say("{}", line)
 

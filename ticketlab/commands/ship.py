@@ -58,7 +58,7 @@ def export(
                       + (" (replacing the earlier export there)" if result.replaced else ""),
                       highlight=False)
     if info.get("labels") is None and info.get("labels_note") and \
-            info["head"] == "sequence-classification":
+            info["head"] in ("sequence-classification", "image-classification"):
         console.print(f"labels: LABEL_0… ({info['labels_note']})", highlight=False)
     if compressed:
         s = ticket_sizes(Path(to) / TICKET_FILE)
@@ -68,8 +68,10 @@ def export(
             f"{s['file_bytes'] / 2**20:.2f} MiB = {s['file_ratio']:.3f}x the dense model. "
             "Load with ticketlab.load_ticket(DIR).", highlight=False)
     else:
-        console.print("Load with transformers: AutoModelForSequenceClassification"
-                      f".from_pretrained({str(to)!r}) (or the AutoModel class of its head).",
+        from ticketlab.hub import AUTO_CLASSES
+
+        auto = AUTO_CLASSES.get(info["head"], "AutoModel")
+        console.print(f"Load with transformers: {auto}.from_pretrained({str(to)!r}).",
                       highlight=False)
     if push_to_hub is not None:
         url = push_folder(Path(to), push_to_hub, private=private,
@@ -137,19 +139,27 @@ def bench(
     thread_counts = _parse_ints(threads, sorted({1, torch.get_num_threads()}), "threads")
     ticket = load_level(run, level, root)
     model = ticket.model
-    vocab = model.config.vocab_size
-    if seq_len > getattr(model.config, "max_position_embeddings", seq_len):
-        raise TicketlabError(f"--seq-len {seq_len} exceeds the model's "
-                             f"{model.config.max_position_embeddings} positions.",
-                             "Pass a shorter --seq-len.")
     gen = torch.Generator().manual_seed(0)
-    inputs = {b: {"input_ids": torch.randint(1000, vocab, (b, seq_len), generator=gen),
-                  "attention_mask": torch.ones(b, seq_len, dtype=torch.long)} for b in sizes}
+    side = image_side(ticket)
+    if side is not None:  # an image model: random images of the run's size
+        inputs = {b: {"pixel_values": torch.randn(b, 3, side, side, generator=gen)}
+                  for b in sizes}
+        shape, tokens = f"{side}x{side} px images", list(sizes)
+    else:
+        vocab = model.config.vocab_size
+        if seq_len > getattr(model.config, "max_position_embeddings", seq_len):
+            raise TicketlabError(f"--seq-len {seq_len} exceeds the model's "
+                                 f"{model.config.max_position_embeddings} positions.",
+                                 "Pass a shorter --seq-len.")
+        inputs = {b: {"input_ids": torch.randint(1000, vocab, (b, seq_len), generator=gen),
+                      "attention_mask": torch.ones(b, seq_len, dtype=torch.long)}
+                  for b in sizes}
+        shape, tokens = f"seq {seq_len}", [b * seq_len for b in sizes]
     original_threads = torch.get_num_threads()
     console.print(f"[bold]bench[/bold] {ticket.info['run']} level {level}: "
                   f"{ticket.info['model']}, sparsity {ticket.mask.sparsity:.1%}; "
-                  f"seq {seq_len}, best of {reps} interleaved calls. Calibrating…")
-    fast = accelerate_ticket(model, tokens=[b * seq_len for b in sizes], threads=thread_counts)
+                  f"{shape}, best of {reps} interleaved calls. Calibrating…")
+    fast = accelerate_ticket(model, tokens=tokens, threads=thread_counts)
     layers = sparse_layers(fast)
 
     table = Table(title=f"dense vs accelerated, level {level} ({ticket.mask.sparsity:.1%} "
@@ -173,18 +183,44 @@ def bench(
                     cpu_ratio = _cpu_ratio(t, th)
                     results[(th, b)] = (dense / accel, cpu_ratio)
                     cpu = f"{cpu_ratio:.2f}x" if cpu_ratio is not None else "–"
-                    used = sum(m.decide(b * seq_len, th) != "dense" for m in layers.values())
+                    used = sum(m.decide(tokens[sizes.index(b)], th) != "dense"
+                               for m in layers.values())
                     table.add_row(str(th), str(b), f"{dense * 1e3:.1f}", f"{accel * 1e3:.1f}",
                                   f"{b / dense:.1f}", f"{b / accel:.1f}",
                                   f"{dense / accel:.2f}x", cpu, f"{used}/{len(layers)}",
                                   f"{diff:.1e}")
             console.print(table)
+            if side is not None:
+                _print_conv_profile(model, inputs, reps)
             points = _sweep(ticket, inputs[min(sizes)], thread_counts, reps) if sweep else {}
     finally:
         torch.set_num_threads(original_threads)
     png = png or Path(f"ticketlab-bench-{ticket.info['run']}-L{level}.png")
-    _plot(png, ticket, results, points, min(sizes), seq_len)
+    _plot(png, ticket, results, points, min(sizes), seq_len if side is None else side)
     console.print(f"plot: {png}")
+
+
+def image_side(ticket: Any) -> int | None:
+    """The side of the images an image model's run was trained on (None: a text model)."""
+    spec = ticket.tokenizer
+    if not hasattr(spec, "native_size"):
+        return None
+    return int(spec.size or spec.native_size)
+
+
+def _print_conv_profile(model: Any, inputs: dict[int, dict[str, Any]], reps: int) -> None:
+    """Where a CNN's dense forward spends its time, by kind of layer: what a sparse kernel for
+    1x1 convolutions (matrix products over pixels) and the classifier could at most speed up."""
+    import torch
+
+    from ticketlab.families.vision import time_by_role
+
+    for b, batch in inputs.items():
+        shares = time_by_role(model, batch, reps=max(2, reps))
+        console.print(f"dense forward at batch {b}, {torch.get_num_threads()} thread(s): "
+                      + ", ".join(f"{role} {share:.0%}" for role, share in shares.items())
+                      + " (1x1 convolutions and the classifier are what a sparse matrix "
+                      "kernel can reach)", highlight=False)
 
 
 def level_models(ticket: Any) -> Iterator[tuple[int, Any, Any]]:
@@ -233,7 +269,8 @@ def _sweep(ticket: Any, batch: dict[str, Any], thread_counts: list[int],
     from ticketlab.sparse import accelerate_ticket
 
     points: dict[int, list[Point]] = {th: [] for th in thread_counts}
-    tokens = int(batch["input_ids"].numel())
+    first = next(iter(batch.values()))
+    tokens = int(first.numel() if "input_ids" in batch else first.shape[0])
     for lvl, mask, net in level_models(ticket):
         fast = accelerate_ticket(net, tokens=[tokens], threads=thread_counts)
         for th in thread_counts:
