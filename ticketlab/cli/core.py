@@ -172,5 +172,8 @@ def describe(
                 "and {} at 50 %. To avoid it: {}.", r.name, f"{r.mean_abs:.4f}",
                 f"{at[0.1][r.name]:.0%}", f"{at[0.5][r.name]:.0%}", fam.outlier_advice())
     for line in fam.describe_notes(stats, at):
-        say("{}", line)
+        if line.startswith("Warning: "):
+            say("[bold yellow]Warning:[/bold yellow] {}", line.removeprefix("Warning: "))
+        else:
+            say("{}", line)
 

@@ -112,7 +112,8 @@ class Family(ABC):
     def describe_notes(self, stats: list[Any], at: dict[float, dict[str, float]]) -> list[str]:
         """Lines ``describe`` prints after the table (``stats``: :class:`~ticketlab.models.
         MatrixStats` rows; ``at``: overall sparsity -> matrix -> its sparsity under one
-        global ranking). Vision summarises each kind of convolution."""
+        global ranking; a line starting ``Warning: `` is shown as a warning). Vision
+        summarises each kind of convolution."""
         return []
 
     def prepare_loaded(self, model: nn.Module) -> None:  # noqa: B027 (optional hook)

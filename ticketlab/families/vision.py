@@ -307,6 +307,16 @@ class VisionFamily(Family):
                 f"{role}: {len(rows)} matrices, {n:,} weights ({n / total:.1%} of the set), "
                 f"mean |w| {mean:.4f}; a global ranking of θ0 removes "
                 + ", ".join(f"{v:.0%} of them at {s:.0%}" for s, v in removed.items()))
+        top = max(at)
+        for r in stats:  # emptied before the rest: a depthwise conv at 100 % cuts its block
+            if at[top][r.name] >= 0.999 or (0.5 in at and at[0.5][r.name] >= 0.8):
+                lines.append(
+                    f"Warning: {r.name} ({r.role}, mean |w| "
+                    f"{r.mean_abs:.4f}) loses {at[0.5][r.name]:.0%} at 50 % and "
+                    f"{at[top][r.name]:.0%} at {top:.0%} overall sparsity under one global "
+                    "ranking; an emptied convolution passes on nothing but its BatchNorm's "
+                    f"bias, which cuts the network there. To avoid it: "
+                    f"{self.outlier_advice()}.")
         return lines
 
 
@@ -353,10 +363,19 @@ def _hf_image_spec(model_ref: str) -> ImageSpec:
 
 
 def time_by_role(model: nn.Module, batch: dict[str, Any], reps: int = 3) -> dict[str, float]:
+    """The shares of :func:`profile_by_role`."""
+    return profile_by_role(model, batch, reps)[0]
+
+
+def profile_by_role(model: nn.Module, batch: dict[str, Any], reps: int = 3
+                    ) -> tuple[dict[str, float], float]:
     """The share of a dense forward pass spent in each kind of layer (conv1x1, depthwise,
-    dense k×k convolutions, the classifier, body Linears), timed with forward hooks on the
-    fastest of ``reps`` passes; the rest (BatchNorm, activations, pooling, residual adds) is
-    ``other``. What a sparse kernel can speed up is bounded by the share of its layers."""
+    dense k×k convolutions, the classifier, body Linears), timed with forward hooks in the
+    fastest of ``reps`` passes; the rest (BatchNorm, activations, pooling, residual adds,
+    Python and the hooks themselves) is ``other``. On one thread the clock is the thread's
+    CPU time, which other processes on a shared machine do not inflate. What a sparse kernel
+    can speed up is bounded by the share of its layers (Amdahl). Returns the shares and the
+    fastest pass's time in seconds."""
     import time
     from collections import defaultdict
 
@@ -371,24 +390,25 @@ def time_by_role(model: nn.Module, batch: dict[str, Any], reps: int = 3) -> dict
     spent: dict[str, float] = defaultdict(float)
 
     def pre(m: nn.Module, args: Any) -> None:
-        starts[m] = time.perf_counter()
+        starts[m] = clock()
 
     def post(m: nn.Module, args: Any, out: Any) -> None:
-        spent[roles[m]] += time.perf_counter() - starts[m]
+        spent[roles[m]] += clock() - starts[m]
 
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+    was_training = model.training
+    model.eval()
     handles = [h for m in roles for h in (m.register_forward_pre_hook(pre),
                                           m.register_forward_hook(post))]
     best: tuple[float, dict[str, float]] | None = None
-    was_training = model.training
-    model.eval()
     try:
         with torch.inference_mode():
             model(**batch)  # warm-up
             for _ in range(reps):
                 spent.clear()
-                t0 = time.perf_counter()
+                t0 = clock()
                 model(**batch)
-                total = time.perf_counter() - t0
+                total = clock() - t0
                 if best is None or total < best[0]:
                     best = (total, dict(spent))
     finally:
@@ -399,4 +419,4 @@ def time_by_role(model: nn.Module, batch: dict[str, Any], reps: int = 3) -> dict
     total, parts = best
     shares = {role: t / total for role, t in sorted(parts.items(), key=lambda kv: -kv[1])}
     shares["other"] = max(0.0, 1.0 - sum(shares.values()))
-    return shares
+    return shares, total
