@@ -926,3 +926,32 @@ seeds = 1
     result = _cli(["curves", "--task", "cifar10-animals", "--root", str(root), "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert (out / "curves_cifar10-animals.png").is_file()
+
+
+def test_a_hub_style_vit_folder_prunes_its_linears_not_its_patch_embedding(tmp_path: Path
+                                                                          ) -> None:
+    """An HF image model folder (here a tiny random ViT, as ``facebook/dino-vitb16`` would be
+    from the hub): the patch embedding is the first convolution (not pruned), every encoder
+    Linear is, the new classifier is not; mean/std come from its preprocessor_config.json."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from ticketlab.families import family_for
+    from ticketlab.models import prunable_parameters
+
+    config = ViTConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=32, image_size=32, patch_size=8, num_labels=5)
+    ViTForImageClassification(config).save_pretrained(tmp_path / "vit")
+    (tmp_path / "vit" / "preprocessor_config.json").write_text(json.dumps(
+        {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "size": {"height": 32}}))
+    fam = family_for(str(tmp_path / "vit"))
+    assert fam.name == "vision"
+    loaded = fam.load(str(tmp_path / "vit"), "image-classification", 3, seed=0)
+    assert loaded.model.classifier.out_features == 3 and loaded.missing == []
+    assert loaded.processor.mean == (0.5, 0.5, 0.5) and loaded.processor.native_size == 32
+    params = prunable_parameters(loaded.model, family=fam)
+    assert len(params) == 2 * 6  # Q, K, V, attention output, MLP in, MLP out per layer
+    assert "embeddings.patch_embeddings.projection.weight" not in params
+    roles = {fam.role_of(n, tuple(p.shape)) for n, p in params.items()}
+    assert roles == {"Q", "K", "V", "attn-out", "ffn-in", "ffn-out"}
+    out = loaded.model(pixel_values=torch.randn(2, 3, 32, 32), labels=torch.tensor([0, 2]))
+    assert out.logits.shape == (2, 3) and torch.isfinite(out.loss)

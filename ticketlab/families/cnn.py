@@ -211,7 +211,8 @@ def load_hf_image_model(model_ref: str, num_labels: int, seed: int,
     from transformers import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
+    hf_logging.set_verbosity_error()  # missing weights are reported by ticketlab itself
+    hf_logging.disable_progress_bar()
     torch.manual_seed(seed)
     try:
         net, info = AutoModelForImageClassification.from_pretrained(
@@ -225,6 +226,7 @@ def load_hf_image_model(model_ref: str, num_labels: int, seed: int,
             "id), a torchvision checkpoint file, or --model mobilenet_v2 (offline).") from e
     finally:
         hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
     prefix = net.base_model_prefix + "."
     missing = sorted(k[len(prefix):] for k in info.get("missing_keys", ()) if k.startswith(prefix))
     return net, missing

@@ -256,8 +256,8 @@ class VisionFamily(Family):
             return "conv1x1"
         if "conv_3x3" in name:  # transformers' MobileNetV2: its only 3x3 after the stem
             return "depthwise"
-        return linear_role(name) if re.search(r"(attention|intermediate|output|pooler)",
-                                              name) else "conv"
+        return linear_role(name) if re.search(
+            r"(attention|intermediate|output|pooler|mlp|_proj)", name) else "conv"
 
     def layer_of(self, name: str) -> int | None:
         """The block index (MobileNetV2's inverted residuals ``layer.K``, a ViT's
@@ -335,10 +335,12 @@ def conv_role_of_shape(shape: tuple[int, ...]) -> str:
 
 
 def linear_role(name: str) -> str:
-    """A ViT Linear's role, with the text family's names (Q, K, V, attn-out, ffn-in, …)."""
+    """A ViT Linear's role, with the text family's names (Q, K, V, attn-out, ffn-in, …;
+    transformers 5 names a ViT's MLP ``mlp.fc1``/``mlp.fc2``)."""
     from ticketlab.families.text import _ROLE_PATTERNS
 
-    for role, pattern in _ROLE_PATTERNS:
+    mlp = (("ffn-in", r"(^|\.)(fc1|mlp\.0)\."), ("ffn-out", r"(^|\.)(fc2|mlp\.2)\."))
+    for role, pattern in (*mlp, *_ROLE_PATTERNS):
         if re.search(pattern, name):
             return role
     return "linear"
