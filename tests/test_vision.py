@@ -955,3 +955,12 @@ def test_a_hub_style_vit_folder_prunes_its_linears_not_its_patch_embedding(tmp_p
     assert roles == {"Q", "K", "V", "attn-out", "ffn-in", "ffn-out"}
     out = loaded.model(pixel_values=torch.randn(2, 3, 32, 32), labels=torch.tensor([0, 2]))
     assert out.logits.shape == (2, 3) and torch.isfinite(out.loss)
+
+
+def test_cifar_from_the_hub_offline_is_one_clear_error() -> None:
+    from ticketlab.tasks import get_task
+    from ticketlab.tasks.base import DataSource
+
+    with pytest.raises(TicketlabError, match="Could not load uoft-cs/cifar10") as e:
+        get_task("cifar10").load(DataSource(), "train")
+    assert "--data-dir" in e.value.fix
