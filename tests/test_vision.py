@@ -834,6 +834,13 @@ def test_export_and_bench_a_vision_level(vision_run: dict, tmp_path: Path) -> No
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(model(pixel_values=x).logits, ticket.model(pixel_values=x).logits)
+    import ticketlab
+
+    export_level(run.path, 1, tmp_path / "small", vision_run["root"], compressed=True)
+    small = ticketlab.load_ticket(tmp_path / "small")
+    assert type(small).__name__ == "ResNetForImageClassification"
+    for key, value in model.state_dict().items():  # bit for bit
+        assert torch.equal(small.state_dict()[key], value), key
     result = _cli(["bench", run.path.name, "--level", "1", "--root", str(vision_run["root"]),
                    "--reps", "1", "--threads", "1", "--png", str(tmp_path / "b.png")])
     assert result.exit_code == 0, result.output

@@ -201,9 +201,14 @@ def model_card(info: dict[str, Any], labels: list[str] | None = None,
             f'model = {auto}.from_pretrained("REPO_OR_FOLDER")',
             f'{proc_var} = {processor}.from_pretrained("REPO_OR_FOLDER")', "```",
         ]
+    speed = ("For sparse speed on CPU, `ticketlab.accelerate_ticket(model)` swaps the pruned "
+             "matrices for ticketlab's sparse kernels (outputs equal to float32 rounding).")
+    if image:
+        speed = ("The pruned convolutions are stored as exact zeros; ticketlab's sparse CPU "
+                 "kernels do not run convolutions yet, so `ticketlab.accelerate_ticket(model)` "
+                 "returns a model that runs dense.")
     lines += [
-        "", "For sparse speed on CPU, `ticketlab.accelerate_ticket(model)` swaps the pruned "
-        "matrices for ticketlab's sparse kernels (outputs equal to float32 rounding).",
+        "", speed,
         "", f"*Exported by ticketlab {info.get('ticketlab_version', '')}*",
         "",
     ]
