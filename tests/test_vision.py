@@ -971,3 +971,33 @@ def test_cifar_from_the_hub_offline_is_one_clear_error() -> None:
     with pytest.raises(TicketlabError, match="Could not load uoft-cs/cifar10") as e:
         get_task("cifar10").load(DataSource(), "train")
     assert "--data-dir" in e.value.fix
+
+
+def test_matching_and_reproduce_on_vision_runs(cifar_dir: Path, tiny_cnn_dir: Path,
+                                               tmp_path: Path) -> None:
+    """``matching`` over 2 seeds with a baseline, and ``reproduce --spec`` writing its report
+    (Table 2 with the majority-class row, transfer, curves) for an image task."""
+    result = _cli(["matching", "--task", "cifar10", "--seeds", "2", "--baselines", "random",
+                   "--target-sparsity", "0.2", "--out", str(tmp_path / "m"),
+                   *_train_args(cifar_dir, tiny_cnn_dir, tmp_path / "runs")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "m" / "matching-cifar10.json").read_text())
+    assert len(summary["runs"]) == 2
+    spec = tmp_path / "spec.toml"
+    spec.write_text(f'''name = "vision-report"
+[hparams]
+model = "{tiny_cnn_dir}"
+data_dir = "{cifar_dir}"
+epochs = 1
+batch_size = 16
+lr = 0.05
+target_sparsity = 0.2
+[grid]
+tasks = ["cifar10-vehicles"]
+seeds = 1
+''')
+    result = _cli(["reproduce", "--spec", str(spec), "--out", str(tmp_path / "report"),
+                   "--no-progress"])
+    assert result.exit_code == 0, result.output
+    table = (tmp_path / "report" / "table2.md").read_text()
+    assert "cifar10-vehicles" in table and "Majority class (chance) | 25.0" in table
