@@ -32,9 +32,11 @@ def _family(mask: Mask) -> str:
 
 
 def layer_label(name: str, family: str = "text-encoder") -> str:
+    """"0", "1", … for a block's matrices, "pooler", else the top module (a CNN's
+    ``conv_stem``, ``conv_1x1``): short enough for a plot's axis."""
     layer = layer_of(name, family)
     return "pooler" if role_of(name, family) == "pooler" else (
-        str(layer) if layer is not None else name)
+        str(layer) if layer is not None else name.split(".")[0])
 
 
 def sparsity_by_layer(mask: Mask) -> dict[str, float]:
