@@ -23,6 +23,7 @@ score); it is for people and is not needed to load anything.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -53,6 +54,8 @@ TICKET_FORMAT = "ticketlab.ticket"
 TICKET_VERSION = 1
 TICKET_FILE = "ticket.safetensors"
 INFO_FILE = "ticket.json"
+#: Heads whose stored classifier says how many labels the task had.
+CLASSIFIER_HEADS = ("sequence-classification", "image-classification")
 _MASK_SUFFIX = "::mask"
 _VALUES_SUFFIX = "::values"
 
@@ -116,9 +119,11 @@ def load_level(run_ref: str | Path, level: int, root: Path | None = None) -> Lev
     task = get_task(hp["data"]["task"])
     state = load_level_weights(weights)
     tokenizer = load_tokenizer(model_ref, trust)
+    if hasattr(tokenizer, "native_size"):  # an image spec: the export resizes to the run's size
+        tokenizer = dataclasses.replace(tokenizer, size=hp["data"].get("image_size"))
     probe = load_model(model_ref, task.head, 2, trust_remote_code=trust)
     prefix = probe.base_model_prefix
-    num_labels = _num_labels(state, prefix) if task.head == "sequence-classification" else 2
+    num_labels = _num_labels(state, prefix) if task.head in CLASSIFIER_HEADS else 2
     model = probe if num_labels == 2 else load_model(model_ref, task.head, num_labels,
                                                      trust_remote_code=trust)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -160,7 +165,7 @@ def task_labels(hp: dict[str, Any], head: str, num_labels: int
     from ticketlab.prepare import data_source
     from ticketlab.tasks import get_task
 
-    if head != "sequence-classification":
+    if head not in CLASSIFIER_HEADS:
         return None, None
     try:
         task = get_task(hp["data"]["task"], data_source(RunHparams.from_dict(hp)))
@@ -539,7 +544,9 @@ def _digest(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> str:
     for k in sorted(tensors):
         t = tensors[k].contiguous()
         h.update(b"\0" + k.encode() + b"\0" + str(t.dtype).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        # reshape(-1): a 0-dim tensor (BatchNorm's num_batches_tracked) cannot be viewed as
+        # bytes directly; for every other tensor the bytes are the same as before
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 

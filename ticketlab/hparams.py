@@ -35,9 +35,11 @@ from typing import Any
 from ticketlab.errors import TicketlabError
 
 SCHEDULES = ("original", "remaining")
-#: Learning-rate schedules (transformers' ``get_scheduler`` names that need no extra settings).
+#: Learning-rate schedules: transformers' ``get_scheduler`` names that need no extra settings,
+#: and ``step`` (×0.1 at 50 % and 75 % of the steps: the vision code's MultiStepLR).
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
-                 "constant_with_warmup", "inverse_sqrt")
+                 "constant_with_warmup", "inverse_sqrt", "step")
+OPTIMIZERS = ("adamw", "sgd")
 
 #: Help panels of ``--help``.
 MODEL, DATA, TRAIN, PRUNE, RUNTIME = "Model", "Data", "Training", "Pruning (IMP)", "Runtime"
@@ -166,6 +168,11 @@ class DataHparams:
     train_fraction: float | None = option(
         None, "Train on this fraction of the training examples (e.g. 0.01 or 0.1): a subset "
         "stratified by label, drawn with --sample-seed (default 0).", DATA, added_later=True)
+    #: Image tasks: the side (pixels) of the square images the model is fed; CIFAR's native
+    #: 32, or larger to upsample (closer to the 224 px an ImageNet model was trained at).
+    image_size: int | None = option(None, "image tasks: side in pixels of the images the "
+                                    "model sees (CIFAR: 32 native; larger upsamples).", DATA,
+                                    task_specific=True, added_later=True)
 
     def __post_init__(self) -> None:
         if self.train_fraction is not None and not (
@@ -197,6 +204,10 @@ class DataHparams:
                 f"{self.max_length}: it is the overlap of consecutive context windows.",
                 "Use the paper's 128 with --max-length 384.",
             )
+        if self.image_size is not None and not 8 <= self.image_size <= 1024:
+            raise TicketlabError(
+                f"--image-size {self.image_size} is outside 8..1024 pixels.",
+                "Use 32 (CIFAR's native size) or e.g. 224 (what ImageNet models saw).")
         if self.block_size is not None and self.block_size < 8:
             raise TicketlabError(
                 f"--block-size {self.block_size} is too short for masked language modelling.",
@@ -228,10 +239,14 @@ class TrainHparams:
     warmup_ratio: float = option(0.0, "Linear warm-up share of the steps.", TRAIN)
     warmup_steps: int | None = option(None, "Linear warm-up steps (instead of "
                                       "--warmup-ratio).", TRAIN, added_later=True)
+    #: linear: warm-up then linear decay to 0 (BERT); step: warm-up, then the learning rate
+    #: ×0.1 at 50 % and ×0.01 at 75 % of the steps (the vision code's MultiStepLR 91/136 of
+    #: 182 epochs); the rest are transformers' get_scheduler schedules.
     lr_scheduler_type: str = option("linear", "Learning-rate schedule after the warm-up "
-                                    "(transformers' get_scheduler).", TRAIN, added_later=True,
-                                    choices=LR_SCHEDULERS)
-    weight_decay: float = option(0.0, "AdamW weight decay.", TRAIN)
+                                    "(transformers' get_scheduler names, or step: x0.1 at 50 % "
+                                    "and 75 % of the steps).", TRAIN, added_later=True,
+                                    choices=LR_SCHEDULERS, aliases=("--lr-schedule",))
+    weight_decay: float = option(0.0, "Weight decay.", TRAIN)
     max_grad_norm: float = option(1.0, "Gradient clipping norm (0 = no clipping).", TRAIN)
     seed: int = option(0, "Seed of head init, data order and dropout.", TRAIN)
     group_by_length: bool = option(True, "Batch examples of similar length.", TRAIN)
@@ -262,6 +277,12 @@ class TrainHparams:
         choices=("none", "pgd"))
     eval_attack_steps: int = option(
         10, "PGD steps of the evaluation attack.", ADV, added_later=True, needs=("eval_attack",))
+    #: AdamW (the BERT paper) or SGD with momentum (the vision paper's code).
+    optimizer: str = option("adamw", "Optimizer: adamw (weight decay off for biases and "
+                            "norms) or sgd (momentum, weight decay on every parameter, as "
+                            "the vision paper's code).", TRAIN, added_later=True,
+                            choices=OPTIMIZERS)
+    momentum: float = option(0.9, "SGD momentum.", TRAIN, added_later=True)
 
     def __post_init__(self) -> None:
         _finite(self.lr, "--lr", "The paper uses 2e-5.", positive=True)
@@ -299,6 +320,10 @@ class TrainHparams:
             if value is not None and value < 1:
                 raise TicketlabError(f"--{name.replace('_', '-')} {value} must be at least 1.",
                                      "The papers use 10 (PGD-10); 3 is cheaper.")
+        _check_choice(self.optimizer, OPTIMIZERS, "--optimizer")
+        if not (math.isfinite(self.momentum) and 0 <= self.momentum < 1):
+            raise TicketlabError(f"--momentum {self.momentum} must be in [0, 1).",
+                                 "The vision paper's code uses 0.9.")
         if self.gradient_accumulation_steps < 1 or self.batch_size % \
                 self.gradient_accumulation_steps:
             raise TicketlabError(

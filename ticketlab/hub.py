@@ -25,12 +25,14 @@ MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
 #: The Hub's pipeline tag for each head ticketlab trains.
 PIPELINE_TAGS = {"sequence-classification": "text-classification",
-                 "question-answering": "question-answering", "masked-lm": "fill-mask"}
+                 "question-answering": "question-answering", "masked-lm": "fill-mask",
+                 "image-classification": "image-classification"}
 
 #: The ``AutoModelFor…`` class a plain transformers user loads each head with.
 AUTO_CLASSES = {"sequence-classification": "AutoModelForSequenceClassification",
                 "question-answering": "AutoModelForQuestionAnswering",
-                "masked-lm": "AutoModelForMaskedLM"}
+                "masked-lm": "AutoModelForMaskedLM",
+                "image-classification": "AutoModelForImageClassification"}
 
 
 def base_model_id(model_ref: str | None) -> str | None:
@@ -42,6 +44,10 @@ def base_model_id(model_ref: str | None) -> str | None:
         return None
     if model_ref.lower() in DEFAULT_MODEL_ALIASES:
         return MINILM_HUB_ID
+    from ticketlab.families.vision import canonical_name
+
+    if canonical_name(model_ref) or model_ref.startswith(("torchvision:", "timm:")):
+        return None  # torchvision's weights, not a Hub repo
     if Path(model_ref).expanduser().exists() or model_ref.startswith((".", "/", "~")):
         return None
     return model_ref
@@ -62,7 +68,8 @@ def _fmt(score: Any) -> str:
     return f"{score:.4f}" if isinstance(score, (int, float)) else "not stored"
 
 
-def _found_by_text(found: dict[str, Any], sparsity: float) -> str:
+def _found_by_text(found: dict[str, Any], sparsity: float,
+                   head: str = "sequence-classification") -> str:
     """One paragraph: how the run that holds this ticket found it."""
     prune, train = found.get("prune") or {}, found.get("train") or {}
     steps = (f"{train['max_steps']} steps" if train.get("max_steps")
@@ -78,17 +85,25 @@ def _found_by_text(found: dict[str, Any], sparsity: float) -> str:
         return (f"One fine-tune of a fixed mask (from {origin}) applied to the pre-trained "
                 f"weights θ0, {training}.")
     levels = found.get("levels") or []
+    if head == "image-classification":
+        paper = ("Supervised and Self-supervised Pre-training in Computer Vision Models* "
+                 "(Chen et al., CVPR 2021)")
+        prunable = ("The prunable set is every convolution except the first (and a ViT's "
+                    "Linear layers); BatchNorm, biases and the classifier are dense.")
+    else:
+        paper = "Pre-trained BERT Networks* (Chen et al., NeurIPS 2020)"
+        prunable = ("The prunable set is the encoder's Q/K/V, attention output and FFN "
+                    f"matrices{' and the pooler' if prune.get('prune_pooler') else ''}; "
+                    "embeddings and the task head are dense.")
     return (
         "Iterative magnitude pruning (IMP) with rewinding, as in *The Lottery Ticket "
-        "Hypothesis for Pre-trained BERT Networks* (Chen et al., NeurIPS 2020): each level is "
+        f"Hypothesis for {paper}: each level is "
         f"{training}; then {prune.get('rate', 0):.0%} of the "
         f"{'remaining' if prune.get('schedule') == 'remaining' else 'original'} weights are "
         f"pruned by {prune.get('method', 'global')} magnitude and the rest are rewound to the "
         f"pre-trained weights (step "
         f"{prune.get('rewind_step', 0)}). The run has {len(levels)} finished level(s); this "
-        f"ticket is {sparsity:.1%} sparse. The prunable set is the encoder's Q/K/V, attention "
-        f"output and FFN matrices{' and the pooler' if prune.get('prune_pooler') else ''}; "
-        "embeddings and the task head are dense.")
+        f"ticket is {sparsity:.1%} sparse. {prunable}")
 
 
 def model_card(info: dict[str, Any], labels: list[str] | None = None,
@@ -101,6 +116,7 @@ def model_card(info: dict[str, Any], labels: list[str] | None = None,
     """
     compressed = info.get("format") == "compressed"
     head = info.get("head", "sequence-classification")
+    image = head == "image-classification"
     base = base_model_id(info.get("model"))
     dataset = _hub_dataset(info.get("task"))
     sparsity = float(info.get("sparsity", 0.0))
@@ -132,7 +148,8 @@ def model_card(info: dict[str, Any], labels: list[str] | None = None,
         "",
         f"A sparse subnetwork (*lottery ticket*) of {model} fine-tuned on `{task}`, found "
         "and exported with [ticketlab](https://pypi.org/project/ticketlab/). "
-        f"{sparsity:.1%} of the prunable encoder weights are exactly zero.",
+        f"{sparsity:.1%} of the prunable {'convolution' if image else 'encoder'} weights "
+        "are exactly zero.",
         "",
         "| | |", "|---|---|",
         f"| base model | {f'`{base}`' if base else model} |",
@@ -149,7 +166,7 @@ def model_card(info: dict[str, Any], labels: list[str] | None = None,
         lines.append(f"| size | {sizes['file_bytes'] / 2**20:.2f} MiB = "
                      f"{sizes['file_ratio']:.3f}x the dense model; prunable matrices "
                      f"{sizes['prunable_ratio']:.4f}x their dense fp32 size |")
-    if head == "sequence-classification":
+    if head in ("sequence-classification", "image-classification"):
         if labels:
             names = ", ".join(f"{i} = `{n}`" for i, n in enumerate(labels))
             lines += ["", f"**Labels** (`config.json` id2label): {names}."]
@@ -158,9 +175,12 @@ def model_card(info: dict[str, Any], labels: list[str] | None = None,
             why = info.get("labels_note") or "the task's label names were not available"
             lines += ["", f"**Labels**: `LABEL_0` … `LABEL_{int(n) - 1}` — {why}."]
     if info.get("found_by"):
-        lines += ["", "## How it was found", "", _found_by_text(info["found_by"], sparsity)]
+        lines += ["", "## How it was found", "",
+                  _found_by_text(info["found_by"], sparsity, head)]
     lines += ["", "## How to load it", ""]
     auto = AUTO_CLASSES.get(head, "AutoModel")
+    processor, proc_var = (("AutoImageProcessor", "processor") if image
+                           else ("AutoTokenizer", "tokenizer"))
     if compressed:
         lines += [
             "This is a **compressed ticket** (`ticket.safetensors`: packed keep-bitmasks plus "
@@ -168,22 +188,27 @@ def model_card(info: dict[str, Any], labels: list[str] | None = None,
             "cannot read it and says so. Load it with ticketlab, which checks and decodes it "
             "into an ordinary transformers model, bit for bit:",
             "", "```python", "# pip install ticketlab", "import ticketlab",
-            "from transformers import AutoTokenizer", "",
+            f"from transformers import {processor}", "",
             'model = ticketlab.load_ticket("FOLDER")   # a transformers '
             f"{info.get('architecture', 'model')}, eval mode",
-            'tokenizer = AutoTokenizer.from_pretrained("FOLDER")', "```",
+            f'{proc_var} = {processor}.from_pretrained("FOLDER")', "```",
         ]
     else:
         lines += [
             "A standard Hugging Face folder: pruned weights are stored as exact zeros, and "
             "no ticketlab is needed.", "",
-            "```python", f"from transformers import {auto}, AutoTokenizer", "",
+            "```python", f"from transformers import {auto}, {processor}", "",
             f'model = {auto}.from_pretrained("REPO_OR_FOLDER")',
-            'tokenizer = AutoTokenizer.from_pretrained("REPO_OR_FOLDER")', "```",
+            f'{proc_var} = {processor}.from_pretrained("REPO_OR_FOLDER")', "```",
         ]
+    speed = ("For sparse speed on CPU, `ticketlab.accelerate_ticket(model)` swaps the pruned "
+             "matrices for ticketlab's sparse kernels (outputs equal to float32 rounding).")
+    if image:
+        speed = ("The pruned convolutions are stored as exact zeros; ticketlab's sparse CPU "
+                 "kernels do not run convolutions yet, so `ticketlab.accelerate_ticket(model)` "
+                 "returns a model that runs dense.")
     lines += [
-        "", "For sparse speed on CPU, `ticketlab.accelerate_ticket(model)` swaps the pruned "
-        "matrices for ticketlab's sparse kernels (outputs equal to float32 rounding).",
+        "", speed,
         "", f"*Exported by ticketlab {info.get('ticketlab_version', '')}*",
         "",
     ]

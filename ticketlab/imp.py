@@ -180,7 +180,8 @@ class ImpLevels:
         else:
             mask = Mask.load(self.run.level_dir(level) / "mask.safetensors")
             mask.check_compatible(self.setup.prunable, self.setup.fingerprint,
-                                  source="stored mask", digests=self.setup.digests)
+                                  source="stored mask", digests=self.setup.digests,
+                                  family=self.setup.family.name)
         if level > 0 and hp.prune.rewind_step > 0:
             start = load_tensors(self.run.rewind_path, "Rewind point θ_i")
         else:
@@ -294,7 +295,8 @@ def finetune(
     setup = prepare(hp, runtime, family)
     if source is not None:
         source.check_compatible(setup.prunable, setup.fingerprint, allow_different_weights,
-                                source=f"mask {mask_path}", digests=setup.digests)
+                                source=f"mask {mask_path}", digests=setup.digests,
+                                family=setup.family.name)
         mask = source.for_params(setup.prunable)
     else:
         mask = Mask.ones_like(setup.prunable)

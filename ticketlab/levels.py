@@ -87,7 +87,7 @@ def role_sparsity(setup_or_family: Any, mask: Mask) -> dict[str, float]:
     family = getattr(setup_or_family, "family", setup_or_family)
     kept: dict[str, list[int]] = {}
     for name, t in mask.tensors.items():
-        k = kept.setdefault(family.role_of(name), [0, 0])
+        k = kept.setdefault(family.role_of(name, tuple(t.shape)), [0, 0])
         k[0] += int(t.sum())
         k[1] += t.numel()
     return {role: 1 - a / b for role, (a, b) in kept.items()}

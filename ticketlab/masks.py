@@ -69,8 +69,13 @@ class Mask:
         allow_different_weights: bool = False,
         source: str = "mask",
         digests: dict[str, str] | None = None,
+        family: str | None = None,
     ) -> None:
-        """Refuse a mask whose names, shapes or θ0 differ from the model's.
+        """Refuse a mask whose model family, names, shapes or θ0 differ from the model's.
+
+        ``family`` (the model's family name) is compared with the family the mask records
+        first, so a vision mask on a text model is one clear error, not a list of missing
+        matrices; ``allow_different_weights`` does not lift it.
 
         θ0 is compared twice: the fingerprint of the prunable encoder matrices (every mask has
         it), and — for masks written since — the digest of every body tensor both sides have
@@ -78,6 +83,16 @@ class Mask:
         on either side: MLM and QA models have no pooler, and a mask must transfer between
         heads of the same body (a missing pooler entry stays dense).
         """
+        theirs_family = self.meta.get("family")
+        if family and theirs_family and theirs_family != family:
+            kinds = {"vision": "an image model", "text-encoder": "a text encoder"}
+            raise TicketlabError(
+                f"The {source} was found on {kinds.get(theirs_family, theirs_family)} "
+                f"({self.meta.get('model', '?')}, family {theirs_family}), but this is "
+                f"{kinds.get(family, family)} (family {family}): a mask prunes the matrices "
+                "of one architecture and means nothing on another.",
+                f"Use a mask found on a {family} model (or pick the model the mask was found "
+                "on with --model).")
         mine = {k for k in self.tensors if not k.startswith("pooler.")}
         theirs = {k for k in params if not k.startswith("pooler.")}
         if mine != theirs:

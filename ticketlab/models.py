@@ -109,9 +109,11 @@ def _compile(pattern: str, flag: str) -> re.Pattern[str]:
 ROLE_ORDER = ("Q", "K", "V", "attn-out", "ffn-in", "ffn-out", "pooler", "other")
 
 
-def role_of(name: str, family: str = "text-encoder") -> str:
-    """Which kind of matrix a prunable name is (Q, K, V, attn-out, ffn-in, ... for text)."""
-    return get_family(family).role_of(name)
+def role_of(name: str, family: str = "text-encoder",
+            shape: tuple[int, ...] | None = None) -> str:
+    """Which kind of matrix a prunable name is (Q, K, V, attn-out, ffn-in, ... for text;
+    conv1x1, depthwise, conv3x3 ... for a CNN, told apart by ``shape``)."""
+    return get_family(family).role_of(name, shape)
 
 
 def layer_of(name: str, family: str = "text-encoder") -> int | None:
@@ -182,7 +184,8 @@ def matrix_stats(params: dict[str, torch.Tensor], outlier_ratio: float = 0.25,
     rows = []
     for name, p in params.items():
         t = p.detach().float()
-        rows.append(MatrixStats(name, fam.role_of(name), fam.layer_of(name), tuple(t.shape),
+        rows.append(MatrixStats(name, fam.role_of(name, tuple(t.shape)), fam.layer_of(name),
+                                tuple(t.shape),
                                 t.numel(), t.abs().mean().item(),
                                 t.std().item() if t.numel() > 1 else 0.0))
     median = statistics.median(r.mean_abs for r in rows)

@@ -18,7 +18,8 @@ from ticketlab.errors import TicketlabError
 from ticketlab.hparams import RunHparams, Runtime
 
 TASK_HELP = ("GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli), squad, mlm, or "
-             "csv/json for your own data.")
+             "csv/json for your own data; images: cifar10, cifar100, cifar10-animals, "
+             "cifar10-vehicles, imagefolder.")
 
 
 @app.command()
@@ -156,7 +157,8 @@ def show(
 @app.command()
 @friendly
 def describe(
-    model: str = typer.Option("minilm", help="Model folder, hub id, or 'minilm'."),
+    model: str = typer.Option("minilm", help="Model folder, hub id, 'minilm', or an image "
+                              "model ('mobilenet_v2', a .pth/.safetensors checkpoint)."),
     prune_pooler: bool = typer.Option(True, help="Include the pooler.", metavar=""),
     include: list[str] | None = typer.Option(None, help="Regex of extra matrices."),
     exclude: list[str] | None = typer.Option(None, help="Regex of matrices to keep dense."),
@@ -190,10 +192,13 @@ def describe(
                     f"global magnitude ranking removes {at[0.1][r.name]:.0%} of it at 10 % "
                     f"overall sparsity and {at[0.5][r.name]:.0%} at 50 %. To avoid it: "
                     f"{fam.outlier_advice()}.") for r in stats if r.outlier]
+    notes = list(fam.describe_notes(stats, at))
     if fmt == "json":
         print_json({"model": model, "family": fam.name, "prunable_weights": total,
                     "model_weights": model_total, "matrices": table.records,
-                    "warnings": [w for _, w in warnings]})
+                    "warnings": [w for _, w in warnings]
+                    + [n.removeprefix("Warning: ") for n in notes if n.startswith("Warning: ")],
+                    "notes": [n for n in notes if not n.startswith("Warning: ")]})
         return
     if fmt == "csv":
         print_table(table, "csv")
@@ -203,3 +208,8 @@ def describe(
         f"{total / model_total:.1%}")
     for _, text in warnings:
         say("[bold yellow]Warning:[/bold yellow] {}", text)
+    for line in notes:
+        if line.startswith("Warning: "):
+            say("[bold yellow]Warning:[/bold yellow] {}", line.removeprefix("Warning: "))
+        else:
+            say("{}", line)

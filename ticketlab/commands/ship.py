@@ -68,7 +68,7 @@ def export(
                       + (" (replacing the earlier export there)" if result.replaced else ""),
                       highlight=False)
     if info.get("labels") is None and info.get("labels_note") and \
-            info["head"] == "sequence-classification":
+            info["head"] in ("sequence-classification", "image-classification"):
         console.print(f"labels: LABEL_0… ({info['labels_note']})", highlight=False)
     if compressed:
         s = ticket_sizes(Path(to) / TICKET_FILE)
@@ -78,8 +78,10 @@ def export(
             f"{s['file_bytes'] / 2**20:.2f} MiB = {s['file_ratio']:.3f}x the dense model. "
             "Load with ticketlab.load_ticket(DIR).", highlight=False)
     else:
-        console.print("Load with transformers: AutoModelForSequenceClassification"
-                      f".from_pretrained({str(to)!r}) (or the AutoModel class of its head).",
+        from ticketlab.hub import AUTO_CLASSES
+
+        auto = AUTO_CLASSES.get(info["head"], "AutoModel")
+        console.print(f"Load with transformers: {auto}.from_pretrained({str(to)!r}).",
                       highlight=False)
     if push_to_hub is not None:
         url = push_folder(Path(to), push_to_hub, private=private,
@@ -171,19 +173,27 @@ def _bench(run: str, level: int, batch_sizes: list[str] | None, seq_len: int,
     thread_counts = _parse_ints(threads, sorted({1, torch.get_num_threads()}), "threads")
     ticket = load_level(run, level, root)
     model = ticket.model
-    vocab = model.config.vocab_size
-    if seq_len > getattr(model.config, "max_position_embeddings", seq_len):
-        raise TicketlabError(f"--seq-len {seq_len} exceeds the model's "
-                             f"{model.config.max_position_embeddings} positions.",
-                             "Pass a shorter --seq-len.")
     gen = torch.Generator().manual_seed(0)
-    inputs = {b: {"input_ids": torch.randint(1000, vocab, (b, seq_len), generator=gen),
-                  "attention_mask": torch.ones(b, seq_len, dtype=torch.long)} for b in sizes}
+    side = image_side(ticket)
+    if side is not None:  # an image model: random images of the run's size
+        inputs = {b: {"pixel_values": torch.randn(b, 3, side, side, generator=gen)}
+                  for b in sizes}
+        shape, tokens = f"{side}x{side} px images", list(sizes)
+    else:
+        vocab = model.config.vocab_size
+        if seq_len > getattr(model.config, "max_position_embeddings", seq_len):
+            raise TicketlabError(f"--seq-len {seq_len} exceeds the model's "
+                                 f"{model.config.max_position_embeddings} positions.",
+                                 "Pass a shorter --seq-len.")
+        inputs = {b: {"input_ids": torch.randint(1000, vocab, (b, seq_len), generator=gen),
+                      "attention_mask": torch.ones(b, seq_len, dtype=torch.long)}
+                  for b in sizes}
+        shape, tokens = f"seq {seq_len}", [b * seq_len for b in sizes]
     original_threads = torch.get_num_threads()
     console.print(f"[bold]bench[/bold] {ticket.info['run']} level {level}: "
                   f"{ticket.info['model']}, sparsity {ticket.mask.sparsity:.1%}; "
-                  f"seq {seq_len}, best of {reps} interleaved calls. Calibrating…")
-    fast = accelerate_ticket(model, tokens=[b * seq_len for b in sizes], threads=thread_counts)
+                  f"{shape}, best of {reps} interleaved calls. Calibrating…")
+    fast = accelerate_ticket(model, tokens=tokens, threads=thread_counts)
     layers = sparse_layers(fast)
     report: dict[str, Any] = {"run": ticket.info["run"], "level": level,
                               "model": ticket.info["model"], "task": ticket.info["task"],
@@ -204,7 +214,8 @@ def _bench(run: str, level: int, batch_sizes: list[str] | None, seq_len: int,
                     dense, accel = t["dense"]["wall"], t["accel"]["wall"]
                     cpu_ratio = _cpu_ratio(t, th)
                     results[(th, b)] = (dense / accel, cpu_ratio)
-                    used = sum(m.decide(b * seq_len, th) != "dense" for m in layers.values())
+                    used = sum(m.decide(tokens[sizes.index(b)], th) != "dense"
+                               for m in layers.values())
                     report["results"].append({
                         "threads": th, "batch": b, "dense_ms": dense * 1e3,
                         "accel_ms": accel * 1e3, "dense_seq_per_s": b / dense,
@@ -212,6 +223,8 @@ def _bench(run: str, level: int, batch_sizes: list[str] | None, seq_len: int,
                         "cpu_speedup": cpu_ratio, "sparse_layers": f"{used}/{len(layers)}",
                         "max_abs_logit_diff": diff})
             print_table(_table(report))
+            if side is not None:
+                _print_conv_profile(model, inputs, reps)
             points = _sweep(ticket, inputs[min(sizes)], thread_counts, reps) if sweep else {}
     finally:
         torch.set_num_threads(original_threads)
@@ -219,11 +232,34 @@ def _bench(run: str, level: int, batch_sizes: list[str] | None, seq_len: int,
                         for th, pts in points.items() for p in pts]
     png = png or Path(f"ticketlab-bench-{ticket.info['run']}-L{level}.png")
     fig = bench_figure(results, points, min(sizes), ticket.mask.sparsity, level,
-                       f"{ticket.info['model']} ({ticket.info['task']}), seq {seq_len}")
+                       f"{ticket.info['model']} ({ticket.info['task']}), {shape}")
     save_png(fig, png)
     console.print(f"plot: {png}")
     report["png"] = str(png)
     return report
+
+
+def image_side(ticket: Any) -> int | None:
+    """The side of the images an image model's run was trained on (None: a text model)."""
+    spec = ticket.tokenizer
+    if not hasattr(spec, "native_size"):
+        return None
+    return int(spec.size or spec.native_size)
+
+
+def _print_conv_profile(model: Any, inputs: dict[int, dict[str, Any]], reps: int) -> None:
+    """Where a CNN's dense forward spends its time, by kind of layer: what a sparse kernel for
+    1x1 convolutions (matrix products over pixels) and the classifier could at most speed up."""
+    import torch
+
+    from ticketlab.families.vision import time_by_role
+
+    for b, batch in inputs.items():
+        shares = time_by_role(model, batch, reps=max(2, reps))
+        console.print(f"dense forward at batch {b}, {torch.get_num_threads()} thread(s): "
+                      + ", ".join(f"{role} {share:.0%}" for role, share in shares.items())
+                      + " (1x1 convolutions and the classifier are what a sparse matrix "
+                      "kernel can reach)", highlight=False)
 
 
 def level_models(ticket: Any) -> Iterator[tuple[int, Any, Any]]:
@@ -272,7 +308,8 @@ def _sweep(ticket: Any, batch: dict[str, Any], thread_counts: list[int],
     from ticketlab.sparse import accelerate_ticket
 
     points: dict[int, list[Point]] = {th: [] for th in thread_counts}
-    tokens = int(batch["input_ids"].numel())
+    first = next(iter(batch.values()))
+    tokens = int(first.numel() if "input_ids" in batch else first.shape[0])
     for lvl, mask, net in level_models(ticket):
         fast = accelerate_ticket(net, tokens=[tokens], threads=thread_counts)
         for th in thread_counts:

@@ -23,16 +23,28 @@ from ticketlab.reports.figures import plot_mask_sparsity, plot_overlap
 from ticketlab.store import Run, atomic_write_bytes, atomic_write_json, find_run
 
 
-def layer_label(name: str) -> str:
-    layer = layer_of(name)
-    return "pooler" if role_of(name) == "pooler" else (str(layer) if layer is not None else name)
+def _family(mask: Mask) -> str:
+    """The model family a mask was found on (masks written before families: text)."""
+    from ticketlab.families import FAMILY_MODULES
+
+    family = mask.meta.get("family")
+    return family if family in FAMILY_MODULES else "text-encoder"
+
+
+def layer_label(name: str, family: str = "text-encoder") -> str:
+    """"0", "1", … for a block's matrices, "pooler", else the top module (a CNN's
+    ``conv_stem``, ``conv_1x1``): short enough for a plot's axis."""
+    layer = layer_of(name, family)
+    return "pooler" if role_of(name, family) == "pooler" else (
+        str(layer) if layer is not None else name.split(".")[0])
 
 
 def sparsity_by_layer(mask: Mask) -> dict[str, float]:
     """Layer ("0", "1", ... "pooler") -> fraction of its prunable weights removed."""
     kept: dict[str, list[int]] = {}
+    family = _family(mask)
     for name, t in mask.tensors.items():
-        k = kept.setdefault(layer_label(name), [0, 0])
+        k = kept.setdefault(layer_label(name, family), [0, 0])
         k[0] += int(t.sum())
         k[1] += t.numel()
     return {label: 1 - a / b for label, (a, b) in kept.items()}
@@ -40,9 +52,16 @@ def sparsity_by_layer(mask: Mask) -> dict[str, float]:
 
 def sparsity_grid(mask: Mask) -> tuple[list[str], list[str], list[list[float]]]:
     """(kinds, layers, sparsity[kind][layer]) with NaN where a kind has no matrix in a layer."""
-    per = {(role_of(n), layer_label(n)): 1 - float(t.float().mean())
-           for n, t in mask.tensors.items()}
-    kinds = [k for k in ROLE_ORDER if any(r == k for r, _ in per)]
+    family = _family(mask)
+    counts: dict[tuple[str, str], list[int]] = {}  # a CNN block has two 1x1 convolutions
+    for n, t in mask.tensors.items():
+        c = counts.setdefault((role_of(n, family, tuple(t.shape)), layer_label(n, family)),
+                              [0, 0])
+        c[0] += int(t.sum())
+        c[1] += t.numel()
+    per = {key: 1 - kept / total for key, (kept, total) in counts.items()}
+    roles = {r for r, _ in per}
+    kinds = [k for k in ROLE_ORDER if k in roles] + sorted(roles - set(ROLE_ORDER))
     layers = sorted({lab for _, lab in per}, key=lambda s: (not s.isdigit(), int(s)
                                                             if s.isdigit() else 0, s))
     grid = [[per.get((k, lab), float("nan")) for lab in layers] for k in kinds]

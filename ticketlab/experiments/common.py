@@ -113,7 +113,7 @@ def chance_score(hp: RunHparams) -> float | None:
     try:
         source = data_source(hp)
         task = get_task(hp.data.task, source)
-        if task.head != "sequence-classification":
+        if task.head not in ("sequence-classification", "image-classification"):
             return None
         train = train_subset(task.load(source, task.train_split), hp.data)
         n_labels = task.num_labels(train)

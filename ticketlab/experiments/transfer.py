@@ -74,17 +74,20 @@ def ensure_one_shot_mask(hp: RunHparams, sparsity: float, root: Path) -> Path:
     """Global magnitude pruning of θ0 (task-independent: the body is the same under any
     head), computed once. The mask carries θ0's fingerprint, so a fine-tune on changed model
     files refuses it."""
+    from ticketlab.families import family_for
     from ticketlab.models import fingerprint, load_model, prunable_parameters
 
     path = one_shot_mask_path(hp, sparsity, root)
     if not path.is_file():
-        net = load_model(hp.model.model, "sequence-classification", num_labels=2,
+        family = family_for(hp.model.model)
+        net = load_model(hp.model.model, family.default_head, num_labels=2,
                          trust_remote_code=hp.model.trust_remote_code)
         params = prunable_parameters(net, hp.prune.prune_pooler, hp.prune.include,
                                      hp.prune.exclude)
         mask = one_shot_mask(params, sparsity, hp.prune.method)
         mask.save(path, {"task": ONE_SHOT, "fingerprint": fingerprint(params),
-                         "model": hp.model.model, "one_shot_sparsity": sparsity})
+                         "model": hp.model.model, "one_shot_sparsity": sparsity,
+                         "family": family.name})
     return path
 
 

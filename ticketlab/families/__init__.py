@@ -1,6 +1,6 @@
 """The model families ticketlab knows, and how ``--model`` picks one.
 
-Each family is one module (:mod:`.text`: BERT-family encoders; vision CNNs join the same way)
+Each family is one module (:mod:`.text`: BERT-family encoders; :mod:`.vision`: image classifiers)
 and one entry in :data:`FAMILIES`, tried in order: the first whose ``claims(model_ref)`` is true
 loads the model. The text family claims everything else (a Hugging Face folder or hub id), so
 it comes last.
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 #: Registered family names, in the order ``--model`` is matched; see :func:`families`.
 FAMILY_MODULES: dict[str, str] = {
+    "vision": "ticketlab.families.vision:VisionFamily",
     "text-encoder": "ticketlab.families.text:TextEncoderFamily",
 }
 

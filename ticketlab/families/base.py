@@ -88,8 +88,9 @@ class Family(ABC):
         prefix = self.base_prefix(model) + "."
         return [n for n in state if not n.startswith(prefix)]
 
-    def role_of(self, name: str) -> str:
-        """Which kind of matrix a prunable name is (for per-role sparsity summaries)."""
+    def role_of(self, name: str, shape: tuple[int, ...] | None = None) -> str:
+        """Which kind of matrix a prunable name is (for per-role sparsity summaries); the
+        ``shape`` tells a CNN's 1×1, depthwise and k×k convolutions apart."""
         return "other"
 
     def layer_of(self, name: str) -> int | None:
@@ -113,6 +114,13 @@ class Family(ABC):
     def outlier_advice(self) -> str:
         """What ``describe`` tells a user whose matrix is far smaller than the rest."""
         return "--exclude it, or use --method global-normalized"
+
+    def describe_notes(self, stats: list[Any], at: dict[float, dict[str, float]]) -> list[str]:
+        """Lines ``describe`` prints after the table (``stats``: :class:`~ticketlab.models.
+        MatrixStats` rows; ``at``: overall sparsity -> matrix -> its sparsity under one
+        global ranking; a line starting ``Warning: `` is shown as a warning). Vision
+        summarises each kind of convolution."""
+        return []
 
     def prepare_loaded(self, model: nn.Module) -> None:  # noqa: B027 (optional hook)
         """Anything every loaded model needs before its state is stored (tied weights)."""

@@ -211,7 +211,7 @@ class TextEncoderFamily(Family):
                         names.append(f"pooler.{sub}.weight" if sub else "pooler.weight")
         return names
 
-    def role_of(self, name: str) -> str:
+    def role_of(self, name: str, shape: tuple[int, ...] | None = None) -> str:
         for role, pattern in _ROLE_PATTERNS:
             if re.search(pattern, name):
                 return role

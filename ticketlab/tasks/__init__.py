@@ -16,6 +16,7 @@ from ticketlab.tasks.csv_json import TextClassificationTask
 from ticketlab.tasks.glue import GLUE_TASKS
 from ticketlab.tasks.mlm import MlmTask
 from ticketlab.tasks.squad import SquadTask
+from ticketlab.tasks.vision import VISION_TASKS
 
 #: Canonical name -> factory(source) building the task.
 _FACTORIES: dict[str, Callable[[DataSource | None], Task]] = {
@@ -24,13 +25,16 @@ _FACTORIES: dict[str, Callable[[DataSource | None], Task]] = {
     "json": lambda source: TextClassificationTask("json", source),
     "squad": SquadTask,
     "mlm": MlmTask,
+    **VISION_TASKS,
 }
 
 #: Every task name :func:`get_task` accepts (canonical spellings).
 TASK_NAMES: tuple[str, ...] = tuple(_FACTORIES)
 
 #: Extra spellings -> canonical name (after lower-casing and dropping "-" and "_").
-_ALIASES = {"jsonl": "json", "tsv": "csv", "maskedlm": "mlm"}
+_ALIASES = {"jsonl": "json", "tsv": "csv", "maskedlm": "mlm",
+            "cifar10animals": "cifar10-animals", "cifar10vehicles": "cifar10-vehicles",
+            "images": "imagefolder"}
 
 
 def _normalise(name: str) -> str:
