@@ -144,7 +144,8 @@ def _stats(values: list[float]) -> Stats:
 
 
 def _cost(cells: list[dict[str, Any]], key: str, what: str) -> str:
-    return _stats([c[key]["cost"][what] for c in cells]).fmt(scale=1.0, digits=0)
+    """Mean cost over seeds (their spread is timing noise, not worth a ± column)."""
+    return f"{_stats([c[key]['cost'][what] for c in cells]).mean:.0f}"
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -163,7 +164,7 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         f"{metric} on the dev set, mean ± std over {n} seed(s) "
         f"({', '.join(map(str, results['seeds']))}); "
-        f"cost = training only (evaluation apart), summed over IMP's levels 0–"
+        f"cost (mean over seeds) = training only (evaluation apart), summed over IMP's levels 0–"
         f"{results['imp_level']} and over the SuperTickets run's intervals.",
         "",
         "| | full model | IMP | SuperTicket |",
