@@ -258,7 +258,8 @@ def test_compare_runs_imp_and_supertickets_at_equal_sparsity_and_writes_a_table(
     assert cell["transfer"]["super"]["sparsity"] == pytest.approx(0.4, abs=1e-4)
     js, md = write_report(results, tmp_path / "report")
     text = md.read_text()
-    assert "| optimizer steps | 4 | 12 | 8 |" in text and "transfer to mrpc" in text
+    assert "| optimizer steps | 4 | 8 | 12 | 8 |" in text and "transfer to mrpc" in text
+    assert cell["full_long"]["cost"]["steps"] == 8  # the dense control: as long as ST
     assert json.loads(js.read_text())["target"] == 0.4
     assert markdown(results) == text
     # a second call finds every cell in the store

@@ -4,7 +4,10 @@ For every seed: IMP (``ticketlab.imp.find_ticket``) to the target with its own r
 per-level budget, and one SuperTickets run (:func:`~ticketlab.supertickets.search.
 find_superticket`) — the score at the target, and what each cost in optimizer steps and
 training time (CPU and wall, from the records; IMP's cost is every level up to the ticket's,
-since each level's mask needs the one before). Optionally a transfer: both tickets' masks
+since each level's mask needs the one before) — and the full model fine-tuned once for as long
+as the SuperTickets run, so that a ticket beating IMP's full model (trained one level's
+budget) is not mistaken for a method effect when it is a longer training. Optionally a
+transfer: both tickets' masks
 fine-tuned once on a second task from θ0 (``ticketlab.imp.finetune``, with IMP's per-level
 budget), beside that task's dense model; and the structured ticket's speed
 (:mod:`.bench`). Everything lands in the run store and resumes; the table is rebuilt from
@@ -58,9 +61,19 @@ class Comparison:
 
     def transfer_hparams(self, seed: int) -> RunHparams:
         assert self.transfer is not None
-        values = {k: v for k, v in self.imp_values().items()
-                  if k not in ("target_sparsity", "rate", "schedule", "method")}
-        return build_hparams(self.transfer, {**values, "seed": seed}, prune=False)
+        return build_hparams(self.transfer, {**_no_pruning(self.imp_values()), "seed": seed},
+                             prune=False)
+
+    def dense_hparams(self, seed: int) -> RunHparams:
+        """The full model fine-tuned once for as long as the SuperTickets run: whether the
+        ticket beats the dense model is then not a matter of training steps."""
+        return build_hparams(self.task, {**_no_pruning(self.values), "seed": seed},
+                             prune=False)
+
+
+def _no_pruning(values: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in values.items()
+            if k not in ("target_sparsity", "rate", "schedule", "method")}
 
 
 def training_cost(records: list[dict[str, Any]]) -> dict[str, float]:
@@ -91,10 +104,15 @@ def compare(spec: Comparison, root: Path, runtime: Runtime, console: Console,
         st_run = find_superticket(spec.super_hparams(seed), spec.sp, root, runtime, console)
         st_records = [st_run.metrics(k) for k in st_run.levels()]
         final = st_records[-1]
+        say(f"[bold]seed {seed}[/bold]: the full model, trained as long")
+        dense_run = finetune(spec.dense_hparams(seed), None, root, runtime, console)
+        dense = dense_run.metrics(0)
         cell: dict[str, Any] = {
             "seed": seed,
             "full": {"score": imp_records[0]["score"], "run": imp_run.path.name,
                      "cost": training_cost(imp_records[:1])},
+            "full_long": {"score": dense["score"], "run": dense_run.path.name,
+                          "cost": training_cost([dense])},
             "imp": {"score": imp_records[level]["score"], "sparsity":
                     imp_records[level]["sparsity"], "level": level, "run": imp_run.path.name,
                     "cost": training_cost(imp_records)},
@@ -154,6 +172,8 @@ def markdown(results: dict[str, Any]) -> str:
     metric, target = results["main_metric"], results["target"]
     chance = results.get("chance")
     full = _stats([c["full"]["score"] for c in cells])
+    long = _stats([c["full_long"]["score"] for c in cells])
+    long_steps = cells[0]["full_long"]["cost"]["steps"]
     imp = _stats([c["imp"]["score"] for c in cells])
     sup = _stats([c["super"]["score"] for c in cells])
     s0 = cells[0]["super"]["structure"]
@@ -167,41 +187,43 @@ def markdown(results: dict[str, Any]) -> str:
         f"cost (mean over seeds) = training only (evaluation apart), summed over IMP's levels 0–"
         f"{results['imp_level']} and over the SuperTickets run's intervals.",
         "",
-        "| | full model | IMP | SuperTicket |",
-        "|---|---:|---:|---:|",
-        f"| {metric} (%) | {full.fmt()} | {imp.fmt()} | {sup.fmt()} |",
-        f"| sparsity of the prunable set | 0% | {cells[0]['imp']['sparsity']:.1%} | "
+        f"| | full model (IMP level 0) | full model, {long_steps} steps | IMP | "
+        "SuperTicket |",
+        "|---|---:|---:|---:|---:|",
+        f"| {metric} (%) | {full.fmt()} | {long.fmt()} | {imp.fmt()} | {sup.fmt()} |",
+        f"| sparsity of the prunable set | 0% | 0% | {cells[0]['imp']['sparsity']:.1%} | "
         f"{cells[0]['super']['sparsity']:.1%} (structure "
         f"{cells[0]['super']['structural_sparsity']:.1%}) |",
-        f"| heads / FFN neurons kept (seed {cells[0]['seed']}) | all | all | "
+        f"| heads / FFN neurons kept (seed {cells[0]['seed']}) | all | all | all | "
         f"{heads.get('kept', '-')}/{heads.get('total', '-')} / "
         f"{ffn.get('kept', '-')}/{ffn.get('total', '-')} |",
-        *(f"| {label} | {_cost(cells, 'full', what)} | {_cost(cells, 'imp', what)} | "
-          f"{_cost(cells, 'super', what)} |"
+        *(f"| {label} | {_cost(cells, 'full', what)} | {_cost(cells, 'full_long', what)} | "
+          f"{_cost(cells, 'imp', what)} | {_cost(cells, 'super', what)} |"
           for label, what in (("optimizer steps", "steps"), ("training CPU s", "cpu_seconds"),
                               ("training wall s", "seconds"),
                               ("evaluation wall s", "eval_seconds"))),
     ]
     if chance is not None:
-        lines.append(f"| majority class (chance) | {chance * 100:.1f} | | |")
+        lines.append(f"| majority class (chance) | {chance * 100:.1f} | | | |")
     if results.get("transfer"):
         t = [c["transfer"] for c in cells]
         tf = _stats([x["full"]["score"] for x in t])
         ti = _stats([x["imp"]["score"] for x in t])
         ts = _stats([x["super"]["score"] for x in t])
-        lines.append(f"| transfer to {results['transfer']} (%) | {tf.fmt()} | {ti.fmt()} | "
+        lines.append(f"| transfer to {results['transfer']} (%) | {tf.fmt()} | | {ti.fmt()} | "
                      f"{ts.fmt()} |")
         tc = results.get("transfer_chance")
         if tc is not None:
-            lines.append(f"| {results['transfer']} majority class | {tc * 100:.1f} | | |")
+            lines.append(f"| {results['transfer']} majority class | {tc * 100:.1f} | | | |")
     lines += ["", "Per seed:", "",
-              "| seed | full | IMP | SuperTicket | best interval | IMP steps | ST steps | "
-              "IMP CPU s | ST CPU s | heads kept | neurons kept |",
-              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| seed | full | full, as long | IMP | SuperTicket | best interval | IMP steps | "
+              "ST steps | IMP CPU s | ST CPU s | heads kept | neurons kept |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in cells:
         st = c["super"]["structure"]
         lines.append(
-            f"| {c['seed']} | {c['full']['score'] * 100:.2f} | {c['imp']['score'] * 100:.2f} | "
+            f"| {c['seed']} | {c['full']['score'] * 100:.2f} | "
+            f"{c['full_long']['score'] * 100:.2f} | {c['imp']['score'] * 100:.2f} | "
             f"{c['super']['score'] * 100:.2f} | {c['super']['best_score'] * 100:.2f} | "
             f"{c['imp']['cost']['steps']} | {c['super']['cost']['steps']} | "
             f"{c['imp']['cost']['cpu_seconds']:.0f} | {c['super']['cost']['cpu_seconds']:.0f} | "
