@@ -295,3 +295,21 @@ def test_cli_runs_a_search_and_refuses_imp_only_options(tiny_bert_dir, csv_task_
     bad = runner.invoke(app, ["supertickets-export", "nosuchrun", "--to", str(tmp_path / "o"),
                               "--root", str(tmp_path)])
     assert bad.exit_code == 2 and "No run 'nosuchrun'" in bad.output
+
+
+def test_bench_times_the_structured_ticket_beside_dense_and_sparse(tiny_hparams, tmp_path,
+                                                                   monkeypatch) -> None:
+    from ticketlab.supertickets.bench import bench_superticket
+
+    monkeypatch.setenv("TICKETLAB_CACHE", str(tmp_path / "cache"))  # calibration off ~/.cache
+    run = find_superticket(st_hparams(tiny_hparams), SP, tmp_path / "runs", QUIET, quiet())
+    out = bench_superticket(run.path, tmp_path / "runs", batch_sizes=(2,), seq_len=8,
+                            threads=(1,), reps=1)
+    [row] = out["rows"]
+    assert (row["threads"], row["batch"], row["clock"]) == (1, 2, "cpu")
+    assert {"dense_ms", "structured_ms", "structured+sparse_ms", "reference_ms"} <= set(row)
+    assert row["max_abs_logit_diff"] < 1e-4  # smaller and accelerated: the same logits
+    # one head (3 x (32x16 + 16) + 32x16) and 32 neurons (32 + 1 + 32 each) fewer
+    assert out["parameters"]["full"] - out["parameters"]["structured"] == \
+        3 * (32 * 16 + 16) + 32 * 16 + 32 * 65
+    assert out["reference"] == "full size + sparse kernels"
