@@ -9,12 +9,14 @@ against IMP at equal sparsity.
 
 from __future__ import annotations
 
+from typing import Any
+
 from ticketlab.supertickets.hparams import SuperHparams
 
 __all__ = ["SuperHparams", "export_superticket", "find_superticket", "load_superticket"]
 
 
-def __getattr__(name: str):  # torch-heavy parts load on first use (the CLI stays fast)
+def __getattr__(name: str) -> Any:  # torch-heavy parts load on first use (the CLI stays fast)
     if name == "find_superticket":
         from ticketlab.supertickets.search import find_superticket
 

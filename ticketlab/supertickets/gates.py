@@ -34,8 +34,9 @@ from ticketlab.methods import TrainingMethod
 #: Name of the gates' submodule on the model (keys ``supertickets_gates.units.<i>.gate``).
 GATES = "supertickets_gates"
 
-#: A unit is *alive* while its keep bit is set; a removed unit never comes back (HR-NAS's
-#: shrinkage deletes the channels: ``train.py`` ``shrink_model``).
+#: The kinds of unit a text encoder has. A unit is *alive* while its keep bit is set; a
+#: removed unit never comes back (HR-NAS's shrinkage deletes the channels: ``train.py``
+#: ``shrink_model``), with ``--reactivate`` too.
 KINDS = ("head", "neuron")
 
 
@@ -107,8 +108,8 @@ def attach_gates(model: nn.Module, groups: list[UnitGroup], base: nn.Module,
     """Add a :class:`GateBank` to ``model`` and the pre-hooks that apply it; returns it.
 
     ``base`` is the module the groups' names are relative to (the base model). ``lr_scale``
-    makes the gates' learning rate ``lr * lr_scale`` in the shared loop. Idempotent per model
-    is not needed: call :func:`detach_gates` before attaching again.
+    makes the gates' learning rate ``lr * lr_scale`` in the shared loop. A model carries one
+    bank at a time (:func:`detach_gates` removes it).
     """
     if hasattr(model, GATES):
         raise RuntimeError("the model already carries SuperTickets gates")
