@@ -242,10 +242,12 @@ def found_by_text(record: dict[str, Any], hp: dict[str, Any], info: dict[str, An
         f"{sp.get('ffn_target', 0):.0%} of the neurons) and the weights pruned by "
         f"{prune.get('method', 'global')} magnitude, {prune.get('rate', 0):.0%} more each time, "
         f"to {prune.get('target_sparsity', 0):.0%} of the encoder's matrices"
-        f"{' (reactivated after each point)' if sp.get('reactivate') else ''}. The removed "
-        "heads and neurons are gone from this model (FFN) or exactly zero (heads: a "
-        "transformers config cannot vary heads per layer); "
-        f"{info.get('heads_kept')} heads and {info.get('neurons_kept')} neurons are kept.")
+        f"{' (reactivated after each point)' if sp.get('reactivate') else ''}. "
+        f"{info.get('heads_kept')} heads and {info.get('neurons_kept')} FFN neurons are kept. "
+        f"In this folder the FFN is cut to the widest layer's {info.get('ffn_width')} kept "
+        "neurons (narrower layers hold exact zeros up to that width) and the removed heads are "
+        "exact zeros (a transformers config cannot vary heads per layer); "
+        "`ticketlab.supertickets.load_superticket(folder)` deletes both.")
 
 
 def export_superticket(run_ref: str | Path, out: Path, root: Path | None = None, *,
