@@ -586,6 +586,24 @@ def options(sections: tuple[str, ...] = ("model", "data", "options", "train", "p
     return out
 
 
+def dataclass_options(cls: type, section: str) -> dict[str, OptionSpec]:
+    """The options declared on any hparams dataclass, by key: a search method's own section
+    (SuperTickets' ``SuperHparams``) joins the CLI and specs the way the core sections do."""
+    return {spec.key: spec for spec in _fields_of(cls, section)}
+
+
+def build_section(cls: type, values: Mapping[str, Any], section: str) -> Any:
+    """One hparams dataclass from flat ``{key: value}`` (None or missing: the declared
+    default), with :func:`build_hparams`' type and choice checks; unknown keys are refused."""
+    table = dataclass_options(cls, section)
+    unknown = sorted(k for k in values if k not in table)
+    if unknown:
+        raise TicketlabError(f"Unknown option(s) {', '.join(map(repr, unknown))}.",
+                             f"Known options: {', '.join(table)}.")
+    return cls(**{spec.field: _coerce(values[key], spec) for key, spec in table.items()
+                  if values.get(key) is not None})
+
+
 #: What a task exposes to :func:`build_hparams` (a Task class satisfies it).
 class TaskDefaults(typing.Protocol):
     name: str

@@ -71,6 +71,8 @@ def _fmt(score: Any) -> str:
 def _found_by_text(found: dict[str, Any], sparsity: float,
                    head: str = "sequence-classification") -> str:
     """One paragraph: how the run that holds this ticket found it."""
+    if isinstance(found.get("text"), str):  # a search method that says it itself
+        return found["text"]
     prune, train = found.get("prune") or {}, found.get("train") or {}
     steps = (f"{train['max_steps']} steps" if train.get("max_steps")
              else f"{train.get('epochs')} epoch(s)")

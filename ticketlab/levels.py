@@ -106,7 +106,8 @@ def level_record(setup: Setup, level: int, target: float, mask: Mask, metrics: d
         "sparsity_by_role": role_sparsity(setup, mask),
         "sparsity_by_matrix": mask.per_tensor_sparsity(),
         "train": {"steps": result.steps, "epochs": result.epochs, "loss": result.train_loss,
-                  "seconds": result.seconds, "examples_per_second": result.examples_per_second},
+                  "seconds": result.seconds, "cpu_seconds": result.cpu_seconds,
+                  "examples_per_second": result.examples_per_second},
         "eval_seconds": eval_seconds,
         **({"robust_score": metrics["robust_" + main]} if "robust_" + main in metrics else {}),
     }

@@ -30,8 +30,8 @@ from ticketlab.hparams import Runtime, TrainHparams
 from ticketlab.masks import Mask
 from ticketlab.tasks.base import Task, default_batch_outputs
 
-__all__ = ["FeatureDataset", "Runtime", "TrainResult", "evaluate", "planned_steps", "predict",
-           "train"]
+__all__ = ["FeatureDataset", "Runtime", "TrainResult", "TrainState", "evaluate", "planned_steps",
+           "predict", "train"]
 
 #: The text tasks' model inputs (``Task.feature_keys``' default); anything else a task keeps in
 #: its features (offsets, example ids) stays out of the batches.
@@ -81,12 +81,31 @@ def _forward_keys(model: nn.Module) -> set[str]:
 
 
 @dataclass
+class TrainState:
+    """Where one training run stands after ``step`` optimizer steps, so that a later call of
+    :func:`train` continues it exactly (``resume=``): the optimizer's and the schedule's state
+    dicts and torch's global RNG state (dropout, MLM masking). The data order needs no state:
+    it is replayed from the seed. A search that changes the mask between parts of one run
+    (SuperTickets' pruning intervals) trains it as several calls."""
+
+    step: int
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    rng: torch.Tensor
+
+
+@dataclass
 class TrainResult:
     steps: int
     epochs: float
     train_loss: float
     seconds: float
     examples_per_second: float
+    #: With ``stop_step``: the state to continue from (``train(..., resume=state)``).
+    state: TrainState | None = None
+    #: CPU time of the whole process while training (all threads): what a run costs on a
+    #: shared machine, where wall time also counts other jobs' share of the cores.
+    cpu_seconds: float = 0.0
 
 
 def planned_steps(num_examples: int, hp: TrainHparams) -> int:
@@ -149,19 +168,30 @@ def _progress(runtime: Runtime) -> Any:
 
 
 def _optimizer(model: nn.Module, hp: TrainHparams) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only, or SGD (``--optimizer sgd``). A parameter
+    carrying an ``lr_scale`` attribute gets its own AdamW group at ``lr * lr_scale`` (a search
+    method's own parameters, e.g. SuperTickets' gates, must move further in a few hundred steps
+    than fine-tuned weights); without any, the groups are exactly the two they always were."""
     if hp.optimizer == "sgd":
         # The vision paper's code (CV_LTH_Pre-training main_imp_downstream.py:112-114): SGD
         # with momentum, weight decay on every parameter, BatchNorm and biases included.
         return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=hp.lr,
                                momentum=hp.momentum, weight_decay=hp.weight_decay)
     decay, no_decay = [], []
+    scaled: dict[float, list[torch.Tensor]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
+            continue
+        scale = getattr(p, "lr_scale", None)
+        if scale is not None:
+            scaled.setdefault(float(scale), []).append(p)
             continue
         is_norm = "LayerNorm" in name or "layer_norm" in name
         (no_decay if p.dim() < 2 or is_norm else decay).append(p)
     groups = [{"params": decay, "weight_decay": hp.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
+    groups += [{"params": ps, "weight_decay": 0.0, "lr": hp.lr * scale}
+               for scale, ps in scaled.items()]
     # The fused kernel is ~3x faster on CPU, and it does not slow down on gradients that are
     # exactly zero (pruned weights), where the for-each AdamW's sqrt did (benchmarks/).
     try:
@@ -232,6 +262,29 @@ def _loader(dataset: FeatureDataset, hp: TrainHparams, seed: int,
     return DataLoader(dataset, batch_size=hp.batch_size, sampler=sampler, collate_fn=collator)
 
 
+def _batches(loader: DataLoader, skip: int, rng: torch.Tensor | None) -> Any:
+    """The loader's batches, epoch after epoch, from optimizer step ``skip`` on.
+
+    A fresh run (``skip`` 0, no ``rng``) iterates the loader exactly as a plain ``for`` loop
+    per epoch would. A resumed run replays the seeded sampler through the finished epochs
+    (index lists only, nothing collated), skips the current epoch's first batches, and only
+    then restores torch's RNG state ``rng``: creating a DataLoader iterator draws from that
+    RNG, so restoring it earlier would shift dropout against the uninterrupted run.
+    """
+    per_epoch = len(loader)
+    for _ in range(skip // per_epoch):
+        for _ in loader.batch_sampler:  # advances the sampler's generator by one epoch
+            pass
+    it = iter(loader)
+    for _ in range(skip % per_epoch):
+        next(it)
+    if rng is not None:
+        torch.set_rng_state(rng)
+    while True:
+        yield from it
+        it = iter(loader)
+
+
 def micro_batches(batch: dict[str, Any], parts: int) -> list[tuple[dict[str, Any], float]]:
     """Split a batch into ``parts`` micro-batches with the share of the examples each holds
     (the last batch of an epoch may be smaller). One part: the batch itself, share 1."""
@@ -270,6 +323,8 @@ def train(
     hooks: tuple[Any, ...] = (),
     feature_keys: tuple[str, ...] = MODEL_INPUT_KEYS,
     length_key: str | None = "input_ids",
+    resume: TrainState | None = None,
+    stop_step: int | None = None,
 ) -> TrainResult:
     """Fine-tune ``model`` with the pruned weights of ``mask`` held at exactly zero.
 
@@ -283,6 +338,12 @@ def train(
     re-zeroed; ``on_step(step, model)`` runs (IMP snapshots θ_i there). ``forward(model,
     batch)`` is the task's forward pass (``Task.forward``; default ``model(**batch)``). ``log``
     (a :class:`ticketlab.tracking.LevelLog`) receives train/loss and train/lr every step.
+
+    One run may be trained in parts: ``stop_step`` ends this call after that many optimizer
+    steps of the whole run (the schedule still spans the whole run) and returns its
+    :class:`TrainState` in ``TrainResult.state``; ``resume=state`` continues from it, on the
+    same data, hparams and seed, bit-identically to a run that never stopped (the model's
+    weights are the caller's to restore). The mask may differ between parts.
     """
     from ticketlab.methods import StandardTraining
 
@@ -307,6 +368,13 @@ def train(
     optimizer = _optimizer(model, hp)
     total = planned_steps(len(dataset), hp)
     scheduler = _scheduler(optimizer, hp, total)
+    first = resume.step if resume is not None else 0
+    stop = total if stop_step is None else stop_step
+    if not first <= stop <= total:
+        raise ValueError(f"cannot train steps {first}..{stop} of a {total}-step run")
+    if resume is not None:
+        optimizer.load_state_dict(resume.optimizer)
+        scheduler.load_state_dict(resume.scheduler)
     if accelerator.num_processes > 1:
         model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader,
                                                                   scheduler)
@@ -318,40 +386,46 @@ def train(
 
     model.train()
     accepted = _forward_keys(model)
-    step, seen, loss_sum, start = 0, 0, 0.0, time.perf_counter()
+    step, seen, loss_sum, start = first, 0, 0.0, time.perf_counter()
+    cpu_start = time.process_time()
+    batches = _batches(loader, first, resume.rng if resume is not None else None)
     with _progress(runtime) as progress:
-        bar = progress.add_task(description, total=total, info="")
-        while step < total:
-            for batch in loader:
-                batch = {k: v.to(device) for k, v in batch.items() if k in accepted}
-                value = _optimizer_step(model, batch, forward, method, accelerator, hp)
-                _check_finite(value, step + 1, scheduler.get_last_lr()[0])
-                enforcer.zero_grads()
-                for hook in hooks:
-                    hook.after_backward(step + 1)
-                if hp.max_grad_norm and hp.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), hp.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                enforcer.zero_weights()
-                step += 1
-                seen += len(next(iter(batch.values())))
-                loss_sum += value
-                progress.update(bar, advance=1, info=f"loss {value:.4f}")
-                _log_line(runtime, accelerator, description, step, total, value, start)
-                faults.checkpoint("step")
-                if log is not None:
-                    log.log({"train/loss": value, "train/lr": scheduler.get_last_lr()[0]}, step)
-                if on_step is not None:
-                    on_step(step, accelerator.unwrap_model(model))
-                if step >= total:
-                    break
+        bar = progress.add_task(description, total=total, completed=first, info="")
+        while step < stop:
+            batch = next(batches)
+            batch = {k: v.to(device) for k, v in batch.items() if k in accepted}
+            value = _optimizer_step(model, batch, forward, method, accelerator, hp)
+            _check_finite(value, step + 1, scheduler.get_last_lr()[0])
+            enforcer.zero_grads()
+            for hook in hooks:
+                hook.after_backward(step + 1)
+            if hp.max_grad_norm and hp.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), hp.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            enforcer.zero_weights()
+            step += 1
+            seen += len(next(iter(batch.values())))
+            loss_sum += value
+            progress.update(bar, advance=1, info=f"loss {value:.4f}")
+            _log_line(runtime, accelerator, description, step, total, value, start)
+            faults.checkpoint("step")
+            if log is not None:
+                log.log({"train/loss": value, "train/lr": scheduler.get_last_lr()[0]}, step)
+            if on_step is not None:
+                on_step(step, accelerator.unwrap_model(model))
+    state = None
+    if stop_step is not None:
+        state = TrainState(step=step, optimizer=optimizer.state_dict(),
+                           scheduler=scheduler.state_dict(), rng=torch.get_rng_state())
     accelerator.free_memory()  # drop the prepared optimizer/loader so levels do not pile up
     seconds = time.perf_counter() - start
-    return TrainResult(steps=step, epochs=step * hp.batch_size / len(dataset),
-                       train_loss=loss_sum / max(step, 1), seconds=seconds,
-                       examples_per_second=seen / max(seconds, 1e-9))
+    taken = step - first
+    return TrainResult(steps=taken, epochs=taken * hp.batch_size / len(dataset),
+                       train_loss=loss_sum / max(taken, 1), seconds=seconds,
+                       examples_per_second=seen / max(seconds, 1e-9), state=state,
+                       cpu_seconds=time.process_time() - cpu_start)
 
 
 def _call(model: nn.Module, batch: dict[str, Any]) -> Any:

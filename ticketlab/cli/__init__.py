@@ -16,7 +16,7 @@ from ticketlab.cli.app import app, console, friendly, say
 
 #: Modules whose commands register on ``app`` when imported.
 COMMAND_MODULES: tuple[str, ...] = ("ticketlab.cli.core", "ticketlab.cli.experiments",
-                                    "ticketlab.commands.ship")
+                                    "ticketlab.commands.ship", "ticketlab.cli.supertickets")
 
 for _module in COMMAND_MODULES:
     importlib.import_module(_module)

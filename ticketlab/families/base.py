@@ -37,6 +37,33 @@ class Loaded:
     missing_head: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class UnitGroup:
+    """One set of structural units a search may remove as a whole: the attention heads of one
+    layer, the FFN neurons of one layer (a CNN: the channels of one expansion layer).
+
+    Every unit is ``size`` consecutive features on the *input* of the module ``gated`` (the
+    attention output projection reads the heads' concatenated contexts, the FFN output
+    projection reads the neurons' activations; a 1x1 projection conv reads channels along
+    ``axis`` 1). The modules in ``rows`` produce those features (Q, K, V; FFN in; an expansion
+    conv, its depthwise conv and BatchNorm), so their output rows are the same units; ``gated``
+    is the one module that reads them, along its input columns. Removing a unit removes those
+    rows and columns, which is what makes a structurally pruned model physically smaller.
+    ``macs`` is what one unit costs per token (per pixel), for a resource-aware penalty.
+    Names are base-model-relative module names.
+    """
+
+    name: str
+    kind: str
+    layer: int
+    count: int
+    size: int
+    gated: str
+    rows: tuple[str, ...]
+    macs: int
+    axis: int = -1
+
+
 class Family(ABC):
     """One kind of pre-trained network. Subclasses are stateless."""
 
@@ -124,6 +151,13 @@ class Family(ABC):
 
     def prepare_loaded(self, model: nn.Module) -> None:  # noqa: B027 (optional hook)
         """Anything every loaded model needs before its state is stored (tied weights)."""
+
+    def structural_units(self, model: nn.Module) -> list[UnitGroup]:
+        """The units a structural search (SuperTickets) may gate and remove, one group per
+        layer and kind; see :class:`UnitGroup`."""
+        raise TicketlabError(f"Family {self.name} does not describe structural units (heads, "
+                             "neurons, channels), so it cannot be searched structurally.",
+                             "Use IMP (`ticketlab find`) for this model.")
 
 
 class ModuleFamily(Family):

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ticketlab.errors import TicketlabError
-from ticketlab.families.base import Family, Loaded
+from ticketlab.families.base import Family, Loaded, UnitGroup
 
 #: Encoder families whose layers are "attention + FFN" stacks of nn.Linear.
 SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra")
@@ -239,6 +239,42 @@ class TextEncoderFamily(Family):
 
     def prepare_loaded(self, model: nn.Module) -> None:
         name_tied_weights_once(model)
+
+    def structural_units(self, model: nn.Module) -> list[UnitGroup]:
+        """Per encoder layer: its attention heads (Q, K, V rows, read by the attention output
+        projection in groups of head size) and its FFN neurons (FFN-in rows, read by FFN out).
+        Found by the same role patterns as the prunable set, so BERT, RoBERTa, ELECTRA,
+        MiniLM and DistilBERT need no case of their own."""
+        base = model.base_model
+        layers_name, layers = _encoder_layers(base)
+        heads = int(model.config.num_attention_heads)
+        groups = []
+        for i, layer in enumerate(layers):
+            roles: dict[str, tuple[str, nn.Linear]] = {}
+            for sub, module in layer.named_modules():
+                if isinstance(module, nn.Linear):
+                    roles.setdefault(self.role_of(sub), (f"{layers_name}.{i}.{sub}", module))
+            missing = [r for r in ("Q", "K", "V", "attn-out", "ffn-in", "ffn-out")
+                       if r not in roles]
+            if missing:
+                raise TicketlabError(
+                    f"Layer {i} of {type(base).__name__} has no {', '.join(missing)} Linear, "
+                    "so its heads and neurons cannot be told apart.",
+                    "Structural search supports BERT-family encoders (BERT, RoBERTa, "
+                    "DistilBERT, ELECTRA, MiniLM).")
+            q, out = roles["Q"][1], roles["attn-out"][1]
+            ffn_in = roles["ffn-in"][1]
+            size = q.out_features // heads
+            hidden = q.in_features
+            groups.append(UnitGroup(
+                name=f"{layers_name}.{i}.heads", kind="head", layer=i, count=heads, size=size,
+                gated=roles["attn-out"][0], rows=tuple(roles[r][0] for r in ("Q", "K", "V")),
+                macs=3 * hidden * size + size * out.out_features))
+            groups.append(UnitGroup(
+                name=f"{layers_name}.{i}.ffn", kind="neuron", layer=i,
+                count=ffn_in.out_features, size=1, gated=roles["ffn-out"][0],
+                rows=(roles["ffn-in"][0],), macs=hidden + roles["ffn-out"][1].out_features))
+        return groups
 
 
 def _encoder_layers(base: nn.Module) -> tuple[str, nn.ModuleList]:

@@ -1,0 +1,79 @@
+"""How much faster a SuperTicket is: the same forward pass, timed side by side in one process.
+
+Four variants of one ticket, interleaved call by call (``ticketlab.commands.ship.time_pair``,
+the best of ``reps``): the full-size model in plain PyTorch (what a dense engine does with any
+unstructured ticket: zeros cost as much as weights), the physically smaller model in plain
+PyTorch (heads and neurons deleted: faster on every engine), the smaller model with its
+remaining unstructured sparsity on ticketlab's kernels (``accelerate_ticket``), and — for
+reference — an unstructured ticket on those kernels (an IMP level of the same sparsity when
+one is given, else this ticket at full size).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ticketlab.supertickets.physical import load_structured, physical_size, shrink
+
+
+def bench_superticket(run_ref: str | Path, root: Path | None = None, *,
+                      imp: tuple[str | Path, int] | None = None,
+                      batch_sizes: tuple[int, ...] = (1, 32), seq_len: int = 128,
+                      threads: tuple[int, ...] | None = None, reps: int = 5,
+                      level: int | None = None) -> dict[str, Any]:
+    """Latency of the four variants at each (threads, batch). Returns the rows and sizes."""
+    from ticketlab.commands.ship import time_pair
+    from ticketlab.export import load_level
+    from ticketlab.sparse import accelerate_ticket
+
+    ticket, groups, keep = load_structured(run_ref, root, level)
+    full = ticket.model.eval()
+    small = copy.deepcopy(full)
+    shrink(small.base_model, groups, keep)
+    small.eval()
+    if imp is not None:
+        reference = load_level(imp[0], imp[1], root).model.eval()
+        ref_name = f"IMP level {imp[1]} + sparse kernels"
+    else:
+        reference = full
+        ref_name = "full size + sparse kernels"
+    thread_counts = list(threads or sorted({1, torch.get_num_threads()}))
+    tokens = [b * seq_len for b in batch_sizes]
+    fast_small = accelerate_ticket(small, tokens=tokens, threads=thread_counts)
+    fast_ref = accelerate_ticket(reference, tokens=tokens, threads=thread_counts)
+    gen = torch.Generator().manual_seed(0)
+    vocab = full.config.vocab_size
+    rows = []
+    original = torch.get_num_threads()
+    try:
+        with torch.inference_mode():
+            for th in thread_counts:
+                torch.set_num_threads(th)
+                for b in batch_sizes:
+                    batch = {"input_ids": torch.randint(1000, vocab, (b, seq_len), generator=gen),
+                             "attention_mask": torch.ones(b, seq_len, dtype=torch.long)}
+                    want = full(**batch).logits
+                    diff = max(float((m(**batch).logits - want).abs().max())
+                               for m in (small, fast_small))
+                    fns = {name: (lambda m=m, x=batch: m(**x)) for name, m in (
+                        ("dense", full), ("structured", small),
+                        ("structured+sparse", fast_small), ("reference", fast_ref))}
+                    t = time_pair(fns, reps)
+                    clock = "cpu" if th == 1 else "wall"
+                    dense = t["dense"][clock]
+                    rows.append({
+                        "threads": th, "batch": b, "seq_len": seq_len, "clock": clock,
+                        **{f"{k}_ms": v[clock] * 1e3 for k, v in t.items()},
+                        **{f"{k}_speedup": dense / v[clock] for k, v in t.items()
+                           if k != "dense"},
+                        "max_abs_logit_diff": diff})
+    finally:
+        torch.set_num_threads(original)
+    return {"rows": rows, "reference": ref_name,
+            "parameters": {"full": physical_size(full), "structured": physical_size(small)},
+            "run": ticket.info["run"], "level": ticket.info["level"],
+            "sparsity": ticket.mask.sparsity}
