@@ -28,6 +28,7 @@ from ticketlab.sparse.calibration import (
     DEFAULT_MARGIN,
     DENSE,
     CalibrationTable,
+    can_run_sparse,
     choose,
     measure_layer,
     table_key,
@@ -76,8 +77,8 @@ class SparseLinear(nn.Linear):
         choice = self.plan.get((bucket, threads))
         if choice is not None:
             return choice
-        if not self._supported():
-            choice = DENSE
+        if not self._supported() or not can_run_sparse(self.density):
+            choice = DENSE  # e.g. an unpruned layer: never timed, never sparse
         else:
             scratch: dict[int, PackedWeight] = {}
             timings = self._timings(bucket, threads, scratch)
