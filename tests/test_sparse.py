@@ -18,6 +18,8 @@ from ticketlab.sparse import CalibrationTable, accelerate_ticket, choose, sparse
 from ticketlab.sparse.build import TOKEN_BLOCKS
 from ticketlab.sparse.calibration import (
     DENSE,
+    DENSE_KINDS,
+    GEMM,
     MAX_SPARSE_DENSITY,
     can_run_sparse,
     candidate_variants,
@@ -25,6 +27,7 @@ from ticketlab.sparse.calibration import (
     measure_layer,
     token_bucket,
 )
+from ticketlab.sparse.fused import fused_layers
 from ticketlab.sparse.kernels import Variant, pack_weight, spmm
 
 VARIANTS = [Variant(tb, kc) for tb in TOKEN_BLOCKS for kc in (16, 64, 512)]
@@ -145,6 +148,7 @@ def test_accelerated_minilm_matches_dense_on_real_and_random_inputs(minilm, sst2
         fast = accelerate_ticket(model, table=ForcedTable(variant))
         layers = sparse_layers(fast)
         assert len(layers) == 6 * 6 + 1  # every encoder Linear and the pooler
+        assert len(fused_layers(fast)) == 6  # every encoder layer runs fused
         for batch in (sst2_batch, random_batch):
             with torch.inference_mode():
                 ref = model.bert(**batch).last_hidden_state
@@ -247,7 +251,7 @@ def test_calibration_is_measured_cached_and_reused(tmp_path, monkeypatch):
 
     w = sparse_matrix(64, 96, 0.9)
     timings = measure_layer(w, None, 40, 1)
-    assert set(timings) == {DENSE} | {v.name for v in candidate_variants(96, 40)}
+    assert set(timings) == {DENSE, GEMM} | {v.name for v in candidate_variants(96, 40)}
     assert all(t > 0 for t in timings.values())
 
     path = tmp_path / "calibration.json"
@@ -338,8 +342,10 @@ def test_a_layer_above_the_density_ceiling_never_runs_sparse(monkeypatch):
     is 10x faster leaves a layer at density 1.0 (or just above the ceiling) dense."""
     import ticketlab.sparse.engine as engine
 
-    def no_measuring(*args, **kwargs):
-        raise AssertionError("a layer above the density ceiling was timed")
+    def no_measuring(*args, sparse: bool = True, **kwargs):
+        if sparse:
+            raise AssertionError("a layer above the density ceiling was timed sparse")
+        return {DENSE: 1.0, GEMM: 0.9}  # only the two dense kernels
 
     monkeypatch.setattr(engine, "measure_layer", no_measuring)
     above = sparse_matrix(64, 96, 1 - MAX_SPARSE_DENSITY - 0.05, seed=4)
@@ -353,9 +359,10 @@ def test_a_layer_above_the_density_ceiling_never_runs_sparse(monkeypatch):
                                      threads=(1, 2), table=table)
             m = sparse_layers(fast)["0"]
             assert set(m.plan.values()) == {DENSE} and not m.packed
+            assert set(m.kernels.values()) <= set(DENSE_KINDS)
             x = torch.randn(7, 96)
-            with torch.inference_mode():
-                assert torch.equal(fast(x), layer(x))  # the very same dense computation
+            with torch.inference_mode():  # a dense computation, MKL's or the GEMM's
+                assert (fast(x) - layer(x)).abs().max() <= 1e-5
 
 
 class FakeClock:

@@ -51,7 +51,7 @@ from typing import Any
 from ticketlab.errors import TicketlabError
 
 SOURCE = Path(__file__).with_name("kernel.c")
-ABI_VERSION = 1
+ABI_VERSION = 2
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
 #: Token-block widths compiled into the library (``tl_spmm_tb{TB}``).
 TOKEN_BLOCKS = (16, 32, 64)
@@ -386,12 +386,28 @@ def library_path() -> Path:
 
 
 def _declare(lib: ctypes.CDLL) -> None:
-    p, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+    p, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+    #: the fused epilogue shared by the products: act, res, gamma, beta, eps
+    epilogue = [i32, p, p, p, f32]
     for tb in TOKEN_BLOCKS:
         fn = getattr(lib, f"tl_spmm_tb{tb}")
-        # x, T, K, ws, kc, ncb, rowptr, idx, val, N, bias, y, nthreads
-        fn.argtypes = [p, i64, i32, p, i32, i32, p, p, p, i32, p, p, i32]
+        # x, T, K, ws, kc, ncb, rowptr, idx, val, N, bias, y, nthreads, epilogue...
+        fn.argtypes = [p, i64, i32, p, i32, i32, p, p, p, i32, p, p, i32, *epilogue]
         fn.restype = None
+    signatures: dict[str, list[Any]] = {
+        "tl_gemm_nr": [],
+        "tl_gemm_pack": [p, i32, i32, p],  # w, N, K, wp
+        # x, T, K, wp, N, bias, y, nthreads, epilogue..., ws
+        "tl_gemm": [p, i64, i32, p, i32, p, p, i32, *epilogue, p],
+        # y, T, N, epilogue..., nthreads
+        "tl_epilogue": [p, i64, i32, *epilogue, i32],
+        # q, ldq, k, ldk, v, ldv, B, T, H, d, kbias, scale, out, ldo, ws, nthreads
+        "tl_attention": [p, i64, p, i64, p, i64, i32, i32, i32, i32, p, f32, p, i64, p, i32],
+    }
+    for name, argtypes in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes = argtypes
+        fn.restype = ctypes.c_int if name == "tl_gemm_nr" else None
 
 
 @lru_cache(maxsize=1)

@@ -30,15 +30,27 @@ import torch
 import torch.nn.functional as F
 
 from ticketlab.sparse.build import TOKEN_BLOCKS
-from ticketlab.sparse.kernels import COLUMN_CHUNKS, PackedWeight, Variant, pack_weight, spmm
+from ticketlab.sparse.kernels import (
+    COLUMN_CHUNKS,
+    PackedWeight,
+    Variant,
+    gemm,
+    pack_dense,
+    pack_weight,
+    spmm,
+)
 
 TABLE_FORMAT = "ticketlab.calibration"
-TABLE_VERSION = 1
+TABLE_VERSION = 2
 #: Token counts calibrated for; a call with T tokens uses the nearest one (in log scale).
 TOKEN_BUCKETS = (16, 128, 1024)
 #: Density is bucketed to this step in the table's keys.
 DENSITY_STEP = 0.02
 DENSE = "dense"
+#: ticketlab's own dense kernel (``kernels.gemm``): the other dense candidate beside MKL.
+GEMM = "gemm"
+#: The kernels that do not exploit zeros; a sparse variant is judged against the best of them.
+DENSE_KINDS = (DENSE, GEMM)
 #: A sparse variant must be this much faster than dense to be chosen.
 DEFAULT_MARGIN = 0.05
 #: Above this density a layer stays dense without being timed (see :func:`can_run_sparse`).
@@ -70,13 +82,24 @@ _SINGLE = re.compile(r"-t\d+$")
 def _wins(timings: dict[str, float], margin: float) -> dict[str, float]:
     if DENSE not in timings:
         raise ValueError("a calibration entry needs a 'dense' timing")
-    bar = timings[DENSE] * (1 - margin)
-    return {k: v for k, v in timings.items() if k != DENSE and v < bar}
+    bar = best_dense_time(timings) * (1 - margin)
+    return {k: v for k, v in timings.items() if k not in DENSE_KINDS and v < bar}
+
+
+def best_dense(timings: dict[str, float]) -> str:
+    """The faster of the dense kernels measured (MKL's ``F.linear``, ticketlab's GEMM)."""
+    return min((k for k in DENSE_KINDS if k in timings), key=timings.__getitem__)
+
+
+def best_dense_time(timings: dict[str, float]) -> float:
+    return timings[best_dense(timings)]
 
 
 def choose(timings: dict[str, float], margin: float = DEFAULT_MARGIN,
            confirm: dict[str, float] | None = None) -> str:
-    """The kernel to run: the fastest sparse variant if it beats dense by ``margin``, else dense.
+    """The kernel to run: the fastest sparse variant if it beats the best dense kernel by
+    ``margin``, else that dense kernel (MKL's ``dense`` or ticketlab's ``gemm``, whichever
+    measured faster: both do the same work, so a wrong pick between them costs little).
 
     ``confirm`` (the same key's timings on one thread) restricts the candidates to the variants
     that also beat dense there. Why: multi-thread timings are wall times, and on a machine that
@@ -91,7 +114,7 @@ def choose(timings: dict[str, float], margin: float = DEFAULT_MARGIN,
         cheaper = _wins(confirm, margin)
         sparse = {k: v for k, v in sparse.items() if _SINGLE.sub("", k) in cheaper}
     if not sparse:
-        return DENSE
+        return best_dense(timings)
     return min(sparse, key=sparse.__getitem__)
 
 
@@ -161,40 +184,43 @@ def confirm_close_call(fns: dict[str, Callable[[], Any]], timings: dict[str, flo
     """
     if DENSE not in timings:
         raise ValueError("a calibration entry needs a 'dense' timing")
-    sparse = {k: v for k, v in timings.items() if k != DENSE}
+    sparse = {k: v for k, v in timings.items() if k not in DENSE_KINDS}
     if not sparse:
         return dict(timings)
     winner = min(sparse, key=sparse.__getitem__)
-    dense = timings[DENSE]
+    ref = best_dense(timings)
+    dense = timings[ref]
     if not dense * (1 - CLOSE_CALL) < sparse[winner] < dense * (1 - margin):
         return dict(timings)
     ratios, best_d, best_s = [], math.inf, math.inf
     for r in range(rounds):
         pair = {}
-        for name in ((DENSE, winner) if r % 2 == 0 else (winner, DENSE)):
+        for name in ((ref, winner) if r % 2 == 0 else (winner, ref)):
             t0 = clock()
             fns[name]()
             pair[name] = clock() - t0
-        ratios.append(pair[winner] / pair[DENSE])
-        best_d, best_s = min(best_d, pair[DENSE]), min(best_s, pair[winner])
+        ratios.append(pair[winner] / pair[ref])
+        best_d, best_s = min(best_d, pair[ref]), min(best_s, pair[winner])
     ratios.sort()
     median = ratios[len(ratios) // 2]
     faster_in = sum(q < 1 for q in ratios)
     out = dict(timings)
-    out[DENSE] = min(dense, best_d)
+    out[ref] = min(dense, best_d)
     if median < 1 - margin and 2 * faster_in > rounds:
-        out[winner] = max(best_s, out[DENSE] * median)
+        out[winner] = max(best_s, out[ref] * median)
     else:  # not confirmed: neither it nor the variants it beat in the same rounds count
         for name, t in sparse.items():
             if t < dense * (1 - margin):
-                out[name] = max(t, best_s if name == winner else t, out[DENSE])
+                out[name] = max(t, best_s if name == winner else t, out[ref])
     return out
 
 
 @torch.no_grad()
 def measure_layer(weight: torch.Tensor, bias: torch.Tensor | None, tokens: int, threads: int,
-                  packed: dict[int, PackedWeight] | None = None) -> dict[str, float]:
-    """Time dense and every sparse variant for this layer at ``tokens`` tokens and ``threads``.
+                  packed: dict[int, PackedWeight] | None = None,
+                  sparse: bool = True) -> dict[str, float]:
+    """Time the dense kernels (MKL, ticketlab's GEMM) and, with ``sparse``, every sparse variant
+    for this layer at ``tokens`` tokens and ``threads`` threads.
 
     ``packed`` caches the packed weight per column chunk (filled in as a side effect).
     """
@@ -205,8 +231,10 @@ def measure_layer(weight: torch.Tensor, bias: torch.Tensor | None, tokens: int, 
     x = torch.randn(bucket, k, generator=gen)
     w = weight.detach().float()
     b = bias.detach().float() if bias is not None else None
-    fns: dict[str, Callable[[], Any]] = {DENSE: lambda: F.linear(x, w, b)}
-    for v in candidate_variants(k, bucket, threads):
+    pd = pack_dense(w)
+    fns: dict[str, Callable[[], Any]] = {DENSE: lambda: F.linear(x, w, b),
+                                         GEMM: lambda: gemm(x, pd, b, threads)}
+    for v in candidate_variants(k, bucket, threads) if sparse else []:
         if v.kc not in packed:
             packed[v.kc] = pack_weight(w, v.kc)
         pw = packed[v.kc]
