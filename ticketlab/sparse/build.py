@@ -51,10 +51,10 @@ from typing import Any
 from ticketlab.errors import TicketlabError
 
 SOURCE = Path(__file__).with_name("kernel.c")
-ABI_VERSION = 2
+ABI_VERSION = 3
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
 #: Token-block widths compiled into the library (``tl_spmm_tb{TB}``).
-TOKEN_BLOCKS = (16, 32, 64)
+TOKEN_BLOCKS = (16, 32, 64, 128)
 #: The build record written beside each library (name and sha256 of the library it vouches for).
 RECORD = "kernel.json"
 RECORD_FORMAT = "ticketlab.kernel-build"

@@ -18,7 +18,7 @@ import torch
 from ticketlab.sparse.build import TOKEN_BLOCKS, load_library
 
 #: Column-chunk widths tried by the calibration (int16 relative indices allow up to 32767).
-COLUMN_CHUNKS = (128, 256, 512)
+COLUMN_CHUNKS = (64, 128, 256, 512)
 
 
 @dataclass(frozen=True)
