@@ -227,7 +227,8 @@ class FusedEncoderLayer(nn.Module):
                                         or p.query.weight.requires_grad):
             return False
         if any(a is not None for a in args) or any(
-                kwargs.get(k) not in (None, False) for k in _UNFUSABLE_KWARGS):
+                kwargs.get(k) is not None and kwargs.get(k) is not False
+                for k in _UNFUSABLE_KWARGS):
             return False
         return not _attentions_requested()
 
