@@ -187,6 +187,16 @@ def test_fused_layer_falls_back_for_attentions_hidden_states_and_gradients():
         fused = fast(input_ids=ids, output_hidden_states=True)
     for a, b in zip(ref.hidden_states, fused.hidden_states, strict=True):
         assert (a - b).abs().max() <= 1e-4
+    layer = next(iter(fused_layers(fast).values()))
+    h = torch.randn(2, 20, 64)
+    with torch.inference_mode():
+        assert layer._tl_fusable(h, (), {})
+        assert not layer._tl_fusable(h, (), {"encoder_hidden_states": torch.ones(2, 5, 64)})
+        assert not layer._tl_fusable(h, (torch.ones(2, 5, 64),), {})  # cross-attention input
+        assert not layer._tl_fusable(h.double(), (), {})
+    layer.train()
+    assert not layer._tl_fusable(h, (), {})
+    layer.eval()
     emb = fast.get_input_embeddings()(ids).requires_grad_(True)  # gradients: original forward
     fast(inputs_embeds=emb).logits.sum().backward()
     assert emb.grad is not None and torch.isfinite(emb.grad).all()
