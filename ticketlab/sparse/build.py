@@ -396,6 +396,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         fn.restype = None
     signatures: dict[str, list[Any]] = {
         "tl_gemm_nr": [],
+        "tl_gemm_ws": [i64, i32, i32],  # T, K, nthreads -> scratch floats
         "tl_gemm_pack": [p, i32, i32, p],  # w, N, K, wp
         # x, T, K, wp, N, bias, y, nthreads, epilogue..., ws
         "tl_gemm": [p, i64, i32, p, i32, p, p, i32, *epilogue, p],
@@ -407,7 +408,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
         fn.argtypes = argtypes
-        fn.restype = ctypes.c_int if name == "tl_gemm_nr" else None
+        fn.restype = {"tl_gemm_nr": ctypes.c_int, "tl_gemm_ws": ctypes.c_int64}.get(name)
 
 
 @lru_cache(maxsize=1)

@@ -415,7 +415,6 @@ static const int MR_SIZES[] = {12, 8, 4, 2, 1};
 #define MR_G 6
 static const int MR_SIZES[] = {6, 4, 2, 1};
 #endif
-#define PANEL_CHUNK 4 /* panels per job when jobs are (row block, panel range) */
 
 int tl_gemm_nr(void) { return NR_G; }
 
@@ -488,29 +487,6 @@ static void uk_dispatch(int m, const float* a, int packed, int K, const float* b
     }
 }
 
-/* rows [t0, t0 + rows) x panels [p0, p1) of Y; apack: MR_G * K floats of scratch */
-static void gemm_block(const float* x, int64_t t0, int rows, int K, const float* wp, int N, int p0,
-                       int p1, const float* bias, float* y, int act, float* apack) {
-    const int packed = (K % 1024) == 0;
-    int done = 0;
-    for (int s = 0; done < rows; s++) {
-        const int m = MR_SIZES[s];
-        for (; rows - done >= m; done += m) {
-            const float* a = x + (t0 + done) * K;
-            if (packed) {
-                for (int k = 0; k < K; k++)
-                    for (int i = 0; i < m; i++) apack[(int64_t)k * m + i] = a[(int64_t)i * K + k];
-                a = apack;
-            }
-            for (int p = p0; p < p1; p++) {
-                const int n0 = p * NR_G, ncols = N - n0 < NR_G ? N - n0 : NR_G;
-                uk_dispatch(m, a, packed, K, wp + (int64_t)p * K * NR_G, y + (t0 + done) * N + n0,
-                            N, bias ? bias + n0 : NULL, ncols, act);
-            }
-        }
-    }
-}
-
 /* Few rows (one or two sequences): panel-outer order, so that each weight panel (K * NR floats)
    is loaded into L2 once and used by every row block, instead of the whole weight matrix being
    streamed from L3 once per row block (which costs 10-30 % when other processes share the L3).
@@ -543,45 +519,45 @@ static void gemm_panels(const float* x, int64_t T, int K, const float* wp, int N
 #ifndef FEW_ROW_BLOCKS
 #define FEW_ROW_BLOCKS 32
 #endif
+/* Many rows (batches): groups of GROUP_SLABS row blocks, each job one group with all panels
+   (panel-outer inside the group), so a weight panel serves 96 rows from L2 before the next is
+   loaded, and the whole weight matrix is streamed once per group rather than once per row
+   block; a group's output rows are LayerNorm-ed while still in L2. */
+#define GROUP_SLABS 8
 
-/* ws: max(nthreads * MR_G, T rounded up to MR_G) * K floats. */
+/* pack rows [0, rows) of x (row-major, K columns) in the sub-blocks gemm_panels walks through */
+static void pack_group(const float* x, int64_t rows, int K, float* dst) {
+    for (int64_t t0 = 0; t0 < rows; t0 += MR_G) {
+        const int r = rows - t0 < MR_G ? (int)(rows - t0) : MR_G;
+        int done = 0;
+        for (int q = 0; done < r; q++)
+            for (; r - done >= MR_SIZES[q]; done += MR_SIZES[q])
+                pack_rows(x, t0 + done, MR_SIZES[q], K, dst + (t0 + done) * K);
+    }
+}
+
+/* Scratch floats tl_gemm needs for T rows of K inputs on nthreads threads. */
+int64_t tl_gemm_ws(int64_t T, int K, int nthreads) {
+    const int64_t nslab = (T + MR_G - 1) / MR_G;
+    if (nslab <= FEW_ROW_BLOCKS) return nslab * MR_G * (int64_t)K;
+    return (int64_t)nthreads * GROUP_SLABS * MR_G * K;
+}
+
+/* ws: tl_gemm_ws(T, K, nthreads) floats. */
 void tl_gemm(const float* x, int64_t T, int K, const float* wp, int N, const float* bias,
              float* y, int nthreads, int act, const float* res, const float* gamma,
              const float* beta, float eps, float* ws) {
     const int64_t nslab = (T + MR_G - 1) / MR_G;
     const int np = (N + NR_G - 1) / NR_G;
-    if (gamma && nslab > FEW_ROW_BLOCKS && nslab >= 4 * (int64_t)nthreads) {
-        /* many row blocks: each job computes whole output rows and normalises them at once */
-        _Pragma("omp parallel num_threads(nthreads) if(nthreads > 1)")
-        {
-            float* apack = ws + (int64_t)omp_get_thread_num() * MR_G * K;
-            _Pragma("omp for schedule(dynamic, 1)")
-            for (int64_t sb = 0; sb < nslab; sb++) {
-                const int64_t t0 = sb * MR_G;
-                const int rows = T - t0 < MR_G ? (int)(T - t0) : MR_G;
-                gemm_block(x, t0, rows, K, wp, N, 0, np, bias, y, act, apack);
-                for (int64_t t = t0; t < t0 + rows; t++)
-                    add_ln_row(y + t * N, res ? res + t * N : NULL, gamma, beta, N, eps);
-            }
-        }
-        return;
-    }
+    const int packed = (K % 1024) == 0;
     if (nslab <= FEW_ROW_BLOCKS) {
-        const int packed = (K % 1024) == 0;
         const int chunk = nthreads > 1 ? 2 : np;
         const int nchunk = (np + chunk - 1) / chunk;
         _Pragma("omp parallel num_threads(nthreads) if(nthreads > 1)")
         {
             if (packed) {
-                _Pragma("omp for schedule(static)")
-                for (int64_t sb = 0; sb < nslab; sb++) {
-                    const int64_t t0 = sb * MR_G;
-                    const int rows = T - t0 < MR_G ? (int)(T - t0) : MR_G;
-                    int done = 0;
-                    for (int q = 0; done < rows; q++)
-                        for (; rows - done >= MR_SIZES[q]; done += MR_SIZES[q])
-                            pack_rows(x, t0 + done, MR_SIZES[q], K, ws + (t0 + done) * K);
-                }
+                _Pragma("omp single")
+                pack_group(x, T, K, ws);
             }
             _Pragma("omp for schedule(dynamic, 1)")
             for (int pc = 0; pc < nchunk; pc++) {
@@ -596,24 +572,20 @@ void tl_gemm(const float* x, int64_t T, int K, const float* wp, int N, const flo
         }
         return;
     }
-    const int chunk = nthreads > 1 ? PANEL_CHUNK : np;
-    const int nchunk = (np + chunk - 1) / chunk;
+    const int64_t G = (int64_t)GROUP_SLABS * MR_G;
+    const int64_t ngroups = (T + G - 1) / G;
     _Pragma("omp parallel num_threads(nthreads) if(nthreads > 1)")
     {
-        float* apack = ws + (int64_t)omp_get_thread_num() * MR_G * K;
+        float* gpack = ws + (int64_t)omp_get_thread_num() * G * K;
         _Pragma("omp for schedule(dynamic, 1)")
-        for (int64_t job = 0; job < nslab * nchunk; job++) {
-            const int64_t sb = job / nchunk;
-            const int pc = (int)(job % nchunk);
-            const int64_t t0 = sb * MR_G;
-            const int rows = T - t0 < MR_G ? (int)(T - t0) : MR_G;
-            const int p0 = pc * chunk, p1 = p0 + chunk < np ? p0 + chunk : np;
-            gemm_block(x, t0, rows, K, wp, N, p0, p1, bias, y, act, apack);
-        }
-        if (gamma) {
-            _Pragma("omp for schedule(static)")
-            for (int64_t t = 0; t < T; t++)
-                add_ln_row(y + t * N, res ? res + t * N : NULL, gamma, beta, N, eps);
+        for (int64_t g = 0; g < ngroups; g++) {
+            const int64_t r0 = g * G, rows = T - r0 < G ? T - r0 : G;
+            if (packed) pack_group(x + r0 * K, rows, K, gpack);
+            gemm_panels(x + r0 * K, rows, K, wp, N, 0, np, bias, y + r0 * N, act,
+                        packed ? gpack : NULL);
+            if (gamma)
+                for (int64_t t = r0; t < r0 + rows; t++)
+                    add_ln_row(y + t * N, res ? res + t * N : NULL, gamma, beta, N, eps);
         }
     }
 }

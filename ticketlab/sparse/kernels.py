@@ -223,9 +223,10 @@ def gemm(x: torch.Tensor, packed: PackedDense, bias: torch.Tensor | None,
     if t == 0:
         return y
     threads = threads or torch.get_num_threads()
-    ws = _workspace_for(max(threads * 12, (t + 11) // 12 * 12) * k)
+    lib = load_library()
+    ws = _workspace_for(lib.tl_gemm_ws(t, k, threads))
     b = bias.contiguous() if bias is not None else None
-    load_library().tl_gemm(x.data_ptr(), t, k, packed.panels.data_ptr(), n,
+    lib.tl_gemm(x.data_ptr(), t, k, packed.panels.data_ptr(), n,
                            b.data_ptr() if b is not None else None, y.data_ptr(), threads,
                            *epilogue.args(t, n), ws.data_ptr())
     return y
