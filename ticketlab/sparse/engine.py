@@ -165,8 +165,10 @@ class SparseLinear(nn.Linear):
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
         return not needs_grad and x.dtype == torch.float32 and x.device.type == "cpu"
 
-    def run(self, x2: torch.Tensor, epilogue: Epilogue = NO_EPILOGUE) -> torch.Tensor:
-        """``epilogue(x2 @ W.T + b)`` for a 2-D float32 CPU input, on the chosen kernel."""
+    def run(self, x2: torch.Tensor, epilogue: Epilogue = NO_EPILOGUE,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+        """``epilogue(x2 @ W.T + b)`` for a 2-D float32 CPU input, on the chosen kernel (into
+        ``out``, a contiguous ``[rows, out_features]`` float32 tensor, if given)."""
         threads = torch.get_num_threads()
         key = (x2.shape[0], threads)
         seen = self._seen.get(key)  # the per-call fast path: no bucketing, no table lookup
@@ -178,10 +180,11 @@ class SparseLinear(nn.Linear):
                                       else Variant.parse(choice))
         choice, v = seen
         if v is not None:
-            return spmm(x2, self.packed[v.kc], self.bias, v.tb, v.threads or threads, epilogue)
+            return spmm(x2, self.packed[v.kc], self.bias, v.tb, v.threads or threads, epilogue,
+                        out)
         if choice == GEMM and self.packed_dense is not None:
-            return gemm(x2, self.packed_dense, self.bias, threads, epilogue)
-        return apply_epilogue(F.linear(x2, self.weight, self.bias), epilogue, threads)
+            return gemm(x2, self.packed_dense, self.bias, threads, epilogue, out)
+        return apply_epilogue(mkl_linear(x2, self.weight, self.bias, out), epilogue, threads)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fast_path(x):
@@ -189,6 +192,16 @@ class SparseLinear(nn.Linear):
         lead = x.shape[:-1]
         y = self.run(x.reshape(-1, self.in_features))
         return y.reshape(*lead, self.out_features)
+
+
+def mkl_linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` (PyTorch's MKL product), written into ``out`` if given."""
+    if out is None:
+        return F.linear(x2, weight, bias)
+    if bias is None:
+        return torch.mm(x2, weight.t(), out=out)
+    return torch.addmm(bias, x2, weight.t(), out=out)
 
 
 # --- the rewrite registry ----------------------------------------------------------------------

@@ -107,6 +107,15 @@ def pack_weight(weight: torch.Tensor, kc: int) -> PackedWeight:
 _workspace = threading.local()
 
 
+def output(out: torch.Tensor | None, rows: int, cols: int) -> torch.Tensor:
+    """``out`` checked to be a contiguous float32 ``[rows, cols]`` tensor, or a new one."""
+    if out is None:
+        return torch.empty(rows, cols, dtype=torch.float32)
+    if out.shape != (rows, cols) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 [{rows}, {cols}] tensor")
+    return out
+
+
 def _workspace_for(numel: int) -> torch.Tensor:
     """A per-thread scratch buffer, grown on demand and reused (no allocation per call)."""
     buf = getattr(_workspace, "buf", None)
@@ -157,9 +166,10 @@ def spmm(
     tb: int,
     threads: int | None = None,
     epilogue: Epilogue = NO_EPILOGUE,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x @ W.T + bias`` for 2-D float32 CPU ``x`` ([T, K]) with the packed sparse ``W``, and
-    the fused ``epilogue`` applied to it."""
+    the fused ``epilogue`` applied to it; written into ``out`` if given (see :func:`output`)."""
     if tb not in TOKEN_BLOCKS:
         raise ValueError(f"token block {tb} is not one of {TOKEN_BLOCKS}")
     t, k = x.shape
@@ -167,7 +177,7 @@ def spmm(
         raise ValueError(f"input has {k} features, the weight expects {packed.in_features}")
     n = packed.out_features
     x = x.contiguous()
-    y = torch.empty(t, n, dtype=torch.float32)
+    y = output(out, t, n)
     if t == 0:
         return y
     threads = threads or torch.get_num_threads()
@@ -212,14 +222,16 @@ def pack_dense(weight: torch.Tensor) -> PackedDense:
 
 
 def gemm(x: torch.Tensor, packed: PackedDense, bias: torch.Tensor | None,
-         threads: int | None = None, epilogue: Epilogue = NO_EPILOGUE) -> torch.Tensor:
-    """``epilogue(x @ W.T + bias)`` with ticketlab's dense kernel, for 2-D float32 CPU ``x``."""
+         threads: int | None = None, epilogue: Epilogue = NO_EPILOGUE,
+         out: torch.Tensor | None = None) -> torch.Tensor:
+    """``epilogue(x @ W.T + bias)`` with ticketlab's dense kernel, for 2-D float32 CPU ``x``
+    (into ``out`` if given)."""
     t, k = x.shape
     if k != packed.in_features:
         raise ValueError(f"input has {k} features, the weight expects {packed.in_features}")
     n = packed.out_features
     x = x.contiguous()
-    y = torch.empty(t, n, dtype=torch.float32)
+    y = output(out, t, n)
     if t == 0:
         return y
     threads = threads or torch.get_num_threads()
@@ -247,7 +259,7 @@ def apply_epilogue(y: torch.Tensor, epilogue: Epilogue, threads: int | None = No
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: int, seq: int,
               heads: int, head_dim: int, key_bias: torch.Tensor | None, scale: float,
-              threads: int | None = None) -> torch.Tensor:
+              threads: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """``softmax(q k^T * scale + key_bias) v`` per sequence and head, token-major in and out.
 
     ``q``, ``k``, ``v``: ``[batch * seq, heads * head_dim]`` float32 views with unit column
@@ -262,7 +274,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: int, seq
     for name, m in (("q", q), ("k", k), ("v", v)):
         if m.shape != (batch * seq, width) or m.stride(1) != 1 or m.dtype != torch.float32:
             raise ValueError(f"{name} must be a float32 [{batch * seq}, {width}] row-major view")
-    out = torch.empty(batch * seq, width, dtype=torch.float32)
+    out = output(out, batch * seq, width)
     if batch * seq == 0:
         return out
     if key_bias is not None:
