@@ -242,3 +242,23 @@ def test_dense_layers_pick_a_dense_kernel_and_report_dense():
     assert all(m.decide(40, 1) == DENSE for m in layers)
     assert all(m.kernel(40, 1) in (DENSE, GEMM) for m in layers)
     assert all(not m.packed for m in layers)
+
+
+def test_reused_scratch_buffers_never_leak_into_outputs():
+    """The fused layers reuse buffers for their temporaries; what they return must not be one:
+    a later call may not change an earlier call's outputs or hidden states."""
+    model = tiny("bert")
+    prune_randomly(model, 0.5)
+    fast = accelerate_ticket(model, tokens=(40,), threads=(1,))
+    g = torch.Generator().manual_seed(7)
+    a, b = (torch.randint(5, 500, (2, 20), generator=g) for _ in range(2))
+    with torch.inference_mode():
+        first = fast(input_ids=a, output_hidden_states=True)
+        kept = [h.clone() for h in first.hidden_states] + [first.logits.clone()]
+        fast(input_ids=b, output_hidden_states=True)
+        for before, now in zip(kept, list(first.hidden_states) + [first.logits], strict=True):
+            assert torch.equal(before, now)
+        ref = model(input_ids=a).logits
+    assert (ref - first.logits).abs().max() <= 1e-5
+    with torch.no_grad():  # outside inference mode: its own buffers (inference ones are frozen)
+        assert (fast(input_ids=a).logits - ref).abs().max() <= 1e-5
