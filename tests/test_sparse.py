@@ -224,6 +224,12 @@ def test_choose_rule():
                   confirm={DENSE: 1.0, "tb32-kc64": 0.4}) == "tb32-kc64-t1"
     with pytest.raises(ValueError):
         choose({"a": 1.0})
+    # Between the two dense kernels the GEMM (which fuses epilogues) wins unless MKL is faster
+    # by the margin; a sparse variant is judged against the chosen one.
+    assert choose({DENSE: 0.97, GEMM: 1.0}) == GEMM
+    assert choose({DENSE: 0.90, GEMM: 1.0}) == DENSE
+    assert choose({DENSE: 1.0, GEMM: 0.8, "a": 0.78}) == GEMM  # within the margin of the GEMM
+    assert choose({DENSE: 1.0, GEMM: 0.8, "a": 0.7}) == "a"
 
 
 def test_multithread_choice_needs_one_thread_confirmation():
