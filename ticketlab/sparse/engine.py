@@ -1,22 +1,40 @@
-"""``accelerate_ticket``: the same model, with each prunable Linear on its fastest kernel.
+"""``accelerate_ticket``: the same model, with each layer it recognises on its fastest kernels.
 
-Every prunable ``nn.Linear`` (the encoder's Q, K, V, attention output, FFN in and out, and the
-pooler) becomes a :class:`SparseLinear`. It keeps the dense weight (shared with the original
-model, not copied) and, for the token counts and thread counts it has been calibrated for, a
-decision: dense ``F.linear`` or one sparse variant with its packed weight. The decision comes
-from a measured :class:`~ticketlab.sparse.calibration.CalibrationTable`; a layer at 30 % sparsity
-typically stays dense, one at 90 % runs sparse. A call with a token or thread count not yet
-calibrated is measured on first use (and cached on disk).
+How a model is rewritten: :func:`accelerate_ticket` copies the model (sharing its weights) and
+walks its modules top-down through a **rewrite registry** (:func:`register_rewrite`): the first
+registered rule whose module class matches (along the MRO) may return a replacement; if it
+does, its subtree is done, otherwise the walk descends into the children. Two kinds of rules are
+registered by default:
+
+- BERT-family encoder layers (BERT, RoBERTa, ELECTRA, MiniLM, ...; :mod:`ticketlab.sparse.fused`)
+  become *fused* layers: the same module (same class hierarchy, parameters and submodule names)
+  whose forward runs attention, the products and their epilogues (bias + GELU, bias + residual +
+  LayerNorm) in ticketlab's C kernels, falling back to the original forward for anything it does
+  not support (gradients, cross-attention, caches, returned attention weights, other dtypes);
+- every targeted ``nn.Linear`` becomes a :class:`SparseLinear`.
+
+Anything else (embeddings, a CNN's convolutions, a head) stays plain PyTorch: a model ticketlab
+does not recognise runs exactly as before. A new architecture plugs in with one more
+:func:`register_rewrite` call, not an edit here.
+
+A :class:`SparseLinear` keeps the dense weight (shared with the original model, not copied) and,
+for the token counts and thread counts it has been calibrated for, a decision: MKL's
+``F.linear``, ticketlab's dense GEMM, or one sparse variant with its packed weight. The decision
+comes from a measured :class:`~ticketlab.sparse.calibration.CalibrationTable`; a layer at 30 %
+sparsity typically stays dense, one at 90 % runs sparse, one above
+:data:`~ticketlab.sparse.calibration.MAX_SPARSE_DENSITY` is never timed sparse. A call with a
+token or thread count not yet calibrated is measured on first use (and cached on disk).
 
 Inference only: a call that needs gradients with respect to its input (grad mode on and
-``x.requires_grad``) runs dense, so autograd stays correct; the returned model's parameters do
-not require gradients.
+``x.requires_grad``) runs dense PyTorch, so autograd stays correct; the returned model's
+parameters do not require gradients.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,20 +45,35 @@ from ticketlab.errors import TicketlabError
 from ticketlab.sparse.calibration import (
     DEFAULT_MARGIN,
     DENSE,
+    DENSE_KINDS,
+    GEMM,
     CalibrationTable,
+    can_run_sparse,
     choose,
     measure_layer,
     table_key,
     token_bucket,
 )
-from ticketlab.sparse.kernels import PackedWeight, Variant, pack_weight, spmm
+from ticketlab.sparse.kernels import (
+    NO_EPILOGUE,
+    Epilogue,
+    PackedDense,
+    PackedWeight,
+    Variant,
+    apply_epilogue,
+    gemm,
+    pack_dense,
+    pack_weight,
+    spmm,
+)
 
 
 class SparseLinear(nn.Linear):
-    """An ``nn.Linear`` that runs a sparse kernel where that was measured to be faster.
+    """An ``nn.Linear`` that runs the kernel measured to be fastest for its weight.
 
     It subclasses ``nn.Linear`` (and keeps ``weight``/``bias``) so that code inspecting layers,
-    e.g. for ``weight.dtype``, still works.
+    e.g. for ``weight.dtype``, still works. :meth:`run` is the entry point of fused layers: the
+    product with an epilogue applied while the output is in cache.
     """
 
     def __init__(self, linear: nn.Linear, table: CalibrationTable,
@@ -54,14 +87,21 @@ class SparseLinear(nn.Linear):
         self.margin = margin
         w = self.weight.detach()
         self.density = float((w != 0).sum()) / max(1, w.numel())
-        #: (token bucket, threads) -> kernel name ("dense" or a Variant name)
-        self.plan: dict[tuple[int, int], str] = {}
-        #: column chunk -> packed weight, for the chosen variants only
+        #: (token bucket, threads) -> kernel name: "dense" (MKL), "gemm" or a Variant name
+        self.kernels: dict[tuple[int, int], str] = {}
+        #: column chunk -> packed weight, for the chosen sparse variants only
         self.packed: dict[int, PackedWeight] = {}
-        self._seen: dict[tuple[int, int], str] = {}
+        #: the dense GEMM's packed copy of the weight, if a decision chose it
+        self.packed_dense: PackedDense | None = None
+        self._seen: dict[tuple[int, int], tuple[str, Variant | None]] = {}
+
+    @property
+    def plan(self) -> dict[tuple[int, int], str]:
+        """(token bucket, threads) -> "dense" or the sparse variant (what :meth:`decide` says)."""
+        return {key: (DENSE if k in DENSE_KINDS else k) for key, k in self.kernels.items()}
 
     def extra_repr(self) -> str:
-        plan = ", ".join(f"t{t}/th{th}:{k}" for (t, th), k in sorted(self.plan.items()))
+        plan = ", ".join(f"t{t}/th{th}:{k}" for (t, th), k in sorted(self.kernels.items()))
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"density={self.density:.3f}, plan=[{plan}]")
 
@@ -70,55 +110,158 @@ class SparseLinear(nn.Linear):
         return w.device.type == "cpu" and w.dtype == torch.float32 and (
             self.bias is None or self.bias.dtype == torch.float32)
 
-    def decide(self, tokens: int, threads: int) -> str:
-        """The kernel for ``tokens`` tokens on ``threads`` threads (measured if not in table)."""
+    def kernel(self, tokens: int, threads: int) -> str:
+        """The exact kernel for ``tokens`` tokens on ``threads`` threads (measured if not in
+        the table): ``"dense"`` (MKL), ``"gemm"`` (ticketlab's dense GEMM) or a sparse variant."""
         bucket = token_bucket(tokens)
-        choice = self.plan.get((bucket, threads))
+        choice = self.kernels.get((bucket, threads))
         if choice is not None:
             return choice
-        if not self._supported():
-            choice = DENSE
+        if not self._supported() or not can_run_sparse(self.density):
+            # e.g. an unpruned layer: never timed sparse; MKL vs GEMM still measured, both dense
+            choice = DENSE if not self._supported() else self._dense_choice(bucket, threads)
         else:
             scratch: dict[int, PackedWeight] = {}
             timings = self._timings(bucket, threads, scratch)
             confirm = self._timings(bucket, 1, scratch) if threads > 1 else None
             choice = choose(timings, self.margin, confirm)
-            if choice != DENSE:
+            if choice not in DENSE_KINDS:
                 kc = Variant.parse(choice).kc
                 if kc not in self.packed:
                     self.packed[kc] = scratch.get(kc) or pack_weight(self.weight, kc)
-        self.plan[(bucket, threads)] = choice
+        if choice == GEMM and self.packed_dense is None:
+            self.packed_dense = pack_dense(self.weight)
+        self.kernels[(bucket, threads)] = choice
         return choice
+
+    def decide(self, tokens: int, threads: int) -> str:
+        """``"dense"`` or the sparse variant that runs ``tokens`` tokens on ``threads`` threads."""
+        choice = self.kernel(tokens, threads)
+        return DENSE if choice in DENSE_KINDS else choice
+
+    def _dense_choice(self, bucket: int, threads: int) -> str:
+        """MKL or the GEMM for a layer that cannot run sparse: timed once per key, no sparse
+        variant among the candidates."""
+        key = table_key(self.out_features, self.in_features, self.density, bucket, threads)
+        timings = self.table.get(key)
+        if timings is None or GEMM not in timings:
+            timings = measure_layer(self.weight, self.bias, bucket, threads, sparse=False)
+            self.table.put(key, timings)
+            self.table.save()
+        return choose({k: v for k, v in timings.items() if k in DENSE_KINDS}, self.margin)
 
     def _timings(self, bucket: int, threads: int,
                  scratch: dict[int, PackedWeight]) -> dict[str, float]:
         """The table's timings for this layer's key, measured (and stored) if missing."""
         key = table_key(self.out_features, self.in_features, self.density, bucket, threads)
         timings = self.table.get(key)
-        if timings is None:
+        if timings is None or all(k in DENSE_KINDS for k in timings):  # none or dense only
             timings = measure_layer(self.weight, self.bias, bucket, threads, scratch)
             self.table.put(key, timings)
             self.table.save()
         return timings
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _fast_path(self, x: torch.Tensor) -> bool:
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-        if needs_grad or x.dtype != torch.float32 or x.device.type != "cpu":
-            return F.linear(x, self.weight, self.bias)
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
+        return not needs_grad and x.dtype == torch.float32 and x.device.type == "cpu"
+
+    def run(self, x2: torch.Tensor, epilogue: Epilogue = NO_EPILOGUE,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+        """``epilogue(x2 @ W.T + b)`` for a 2-D float32 CPU input, on the chosen kernel (into
+        ``out``, a contiguous ``[rows, out_features]`` float32 tensor, if given)."""
         threads = torch.get_num_threads()
         key = (x2.shape[0], threads)
-        choice = self._seen.get(key)  # the per-call fast path: no bucketing, no table lookup
-        if choice is None:
+        seen = self._seen.get(key)  # the per-call fast path: no bucketing, no table lookup
+        if seen is None:
             if len(self._seen) > 4096:  # many distinct input sizes: keep the memo bounded
                 self._seen.clear()
-            choice = self._seen[key] = self.decide(*key)
-        if choice == DENSE:
+            choice = self.kernel(*key)
+            seen = self._seen[key] = (choice, None if choice in DENSE_KINDS
+                                      else Variant.parse(choice))
+        choice, v = seen
+        if v is not None:
+            return spmm(x2, self.packed[v.kc], self.bias, v.tb, v.threads or threads, epilogue,
+                        out)
+        if choice == GEMM and self.packed_dense is not None:
+            return gemm(x2, self.packed_dense, self.bias, threads, epilogue, out)
+        return apply_epilogue(mkl_linear(x2, self.weight, self.bias, out), epilogue, threads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._fast_path(x):
             return F.linear(x, self.weight, self.bias)
-        v = Variant.parse(choice)
-        y = spmm(x2, self.packed[v.kc], self.bias, v.tb, v.threads or threads)
+        lead = x.shape[:-1]
+        y = self.run(x.reshape(-1, self.in_features))
         return y.reshape(*lead, self.out_features)
+
+
+def mkl_linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` (PyTorch's MKL product), written into ``out`` if given."""
+    if out is None:
+        return F.linear(x2, weight, bias)
+    if bias is None:
+        return torch.mm(x2, weight.t(), out=out)
+    return torch.addmm(bias, x2, weight.t(), out=out)
+
+
+# --- the rewrite registry ----------------------------------------------------------------------
+
+@dataclass
+class RewriteContext:
+    """What a rewrite rule may use: the calibration table and margin, and which Linears to
+    accelerate (module objects, so that a rule finds its own among them)."""
+
+    table: CalibrationTable
+    margin: float
+    targets: set[int]
+
+    def linear(self, module: nn.Module) -> nn.Module:
+        """``module`` as a :class:`SparseLinear` if it is a targeted Linear, else unchanged."""
+        if isinstance(module, SparseLinear) or id(module) not in self.targets:
+            return module
+        return SparseLinear(module, self.table, self.margin)
+
+    def rewrite_children(self, module: nn.Module) -> None:
+        """Apply the registry to every child of ``module`` (what a rule calls for its parts)."""
+        for name, child in list(module.named_children()):
+            new = rewrite(child, self)
+            if new is not child:
+                setattr(module, name, new)
+
+
+#: A rule gets a module and the context; it returns the replacement, or None to descend.
+RewriteRule = Callable[[nn.Module, RewriteContext], "nn.Module | None"]
+_REGISTRY: list[tuple[type | str, RewriteRule]] = []
+
+
+def register_rewrite(target: type | str, rule: RewriteRule) -> None:
+    """Register ``rule`` for modules of class ``target`` (a class, or a class name when the
+    class lives in an optional package). Later registrations take precedence."""
+    _REGISTRY.insert(0, (target, rule))
+
+
+def _rules_for(module: nn.Module) -> list[RewriteRule]:
+    mro = type(module).__mro__
+    names = {c.__name__ for c in mro}
+    return [rule for target, rule in _REGISTRY
+            if (target in mro if isinstance(target, type) else target in names)]
+
+
+def rewrite(module: nn.Module, ctx: RewriteContext) -> nn.Module:
+    """``module`` rewritten by the first applicable rule, or with its children rewritten."""
+    for rule in _rules_for(module):
+        new = rule(module, ctx)
+        if new is not None:
+            return new
+    ctx.rewrite_children(module)
+    return module
+
+
+def _linear_rule(module: nn.Module, ctx: RewriteContext) -> nn.Module | None:
+    return ctx.linear(module) if id(module) in ctx.targets else None
+
+
+register_rewrite(nn.Linear, _linear_rule)
 
 
 def _target_linears(model: nn.Module, names: Iterable[str] | None) -> dict[str, nn.Linear]:
@@ -153,8 +296,9 @@ def accelerate_ticket(
     table: CalibrationTable | None = None,
     names: Iterable[str] | None = None,
     margin: float = DEFAULT_MARGIN,
+    fuse: bool = True,
 ) -> nn.Module:
-    """A copy of ``model`` (sharing its weights) whose prunable Linears run the fastest kernel.
+    """A copy of ``model`` (sharing its weights) whose layers run ticketlab's fastest kernels.
 
     ``tokens`` and ``threads`` are the token counts (batch x sequence) and thread counts to
     calibrate for right away (default: 128 tokens on ``torch.get_num_threads()``); others are
@@ -162,10 +306,13 @@ def accelerate_ticket(
     in-memory table is never written to disk). ``names`` picks the modules to accelerate
     (default: the prunable set, or every Linear of a model that is not a Hugging Face
     encoder). ``margin``: how much faster than dense a sparse kernel must measure to be used.
+    ``fuse=False`` keeps every layer's own forward and only swaps the Linears (the engine as it
+    was before fused layers; for comparisons).
 
     The result is in eval mode, its parameters do not require gradients, and the input model is
     left untouched. Outputs match the dense model up to float32 summation order.
     """
+    from ticketlab.sparse import fused  # noqa: F401  # registers the encoder-layer rules
     from ticketlab.sparse.build import load_library
 
     load_library()  # build errors surface now, not in the middle of a forward pass
@@ -177,19 +324,27 @@ def accelerate_ticket(
         memo[id(b)] = b
     fast = copy.deepcopy(model, memo)
     fast.eval()
-    targets = _target_linears(fast, names)
-    for name, linear in targets.items():
-        if isinstance(linear, SparseLinear):  # already accelerated
-            continue
-        parent_name, _, child = name.rpartition(".")
-        parent = fast.get_submodule(parent_name) if parent_name else fast
-        setattr(parent, child, SparseLinear(linear, table, margin))
+    targets = {id(m) for m in _target_linears(fast, names).values()}
+    ctx = RewriteContext(table, margin, targets)
+    if fuse:
+        fast = rewrite(fast, ctx)
+    else:
+        _linear_only(fast, ctx)
     thread_counts = list(threads) if threads is not None else [torch.get_num_threads()]
     for layer in sparse_layers(fast).values():
         for th in thread_counts:
             for t in tokens:
-                layer.decide(t, th)
+                layer.kernel(t, th)
     return fast
+
+
+def _linear_only(module: nn.Module, ctx: RewriteContext) -> None:
+    for name, child in list(module.named_children()):
+        new = ctx.linear(child)
+        if new is child:
+            _linear_only(child, ctx)
+        else:
+            setattr(module, name, new)
 
 
 def sparse_layers(model: nn.Module) -> dict[str, SparseLinear]:
@@ -201,6 +356,6 @@ def plan_summary(model: nn.Module) -> list[dict[str, Any]]:
     """Per accelerated layer: name, shape, density and the kernel chosen per (tokens, threads)."""
     return [
         {"name": n, "shape": [m.out_features, m.in_features], "density": m.density,
-         "plan": {f"t{t}/th{th}": k for (t, th), k in sorted(m.plan.items())}}
+         "plan": {f"t{t}/th{th}": k for (t, th), k in sorted(m.kernels.items())}}
         for n, m in sparse_layers(model).items()
     ]

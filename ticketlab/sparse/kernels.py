@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from ticketlab.sparse.build import TOKEN_BLOCKS, load_library
 
 #: Column-chunk widths tried by the calibration (int16 relative indices allow up to 32767).
-COLUMN_CHUNKS = (128, 256, 512)
+COLUMN_CHUNKS = (64, 128, 256, 512)
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,15 @@ def pack_weight(weight: torch.Tensor, kc: int) -> PackedWeight:
 _workspace = threading.local()
 
 
+def output(out: torch.Tensor | None, rows: int, cols: int) -> torch.Tensor:
+    """``out`` checked to be a contiguous float32 ``[rows, cols]`` tensor, or a new one."""
+    if out is None:
+        return torch.empty(rows, cols, dtype=torch.float32)
+    if out.shape != (rows, cols) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 [{rows}, {cols}] tensor")
+    return out
+
+
 def _workspace_for(numel: int) -> torch.Tensor:
     """A per-thread scratch buffer, grown on demand and reused (no allocation per call)."""
     buf = getattr(_workspace, "buf", None)
@@ -115,14 +125,51 @@ def _workspace_for(numel: int) -> torch.Tensor:
     return buf
 
 
+#: Activation codes of the fused epilogue (``kernel.c``: ACT_*).
+ACT_NONE, ACT_GELU, ACT_GELU_TANH, ACT_RELU = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class Epilogue:
+    """What a product does to its output while it is still in cache: ``act(x W^T + b)``, then,
+    with ``ln`` (a LayerNorm's weight, bias and eps), ``LayerNorm(y + residual)``."""
+
+    act: int = ACT_NONE
+    residual: torch.Tensor | None = None
+    ln: tuple[torch.Tensor, torch.Tensor, float] | None = None
+
+    def args(self, rows: int, features: int) -> tuple[Any, ...]:
+        """The C arguments (act, res, gamma, beta, eps), checked against the output shape."""
+        res = self.residual
+        if res is not None:
+            if res.shape != (rows, features) or not res.is_contiguous() \
+                    or res.dtype != torch.float32:
+                raise ValueError(f"residual must be a contiguous float32 [{rows}, {features}]")
+        if self.ln is None:
+            if res is not None:
+                raise ValueError("a residual is only added before a LayerNorm")
+            return (self.act, None, None, None, 0.0)
+        gamma, beta, eps = self.ln
+        if gamma.shape != (features,) or beta.shape != (features,):
+            raise ValueError(f"LayerNorm parameters must have {features} elements")
+        return (self.act, res.data_ptr() if res is not None else None, gamma.data_ptr(),
+                beta.data_ptr(), float(eps))
+
+
+NO_EPILOGUE = Epilogue()
+
+
 def spmm(
     x: torch.Tensor,
     packed: PackedWeight,
     bias: torch.Tensor | None,
     tb: int,
     threads: int | None = None,
+    epilogue: Epilogue = NO_EPILOGUE,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x @ W.T + bias`` for 2-D float32 CPU ``x`` ([T, K]) with the packed sparse ``W``."""
+    """``x @ W.T + bias`` for 2-D float32 CPU ``x`` ([T, K]) with the packed sparse ``W``, and
+    the fused ``epilogue`` applied to it; written into ``out`` if given (see :func:`output`)."""
     if tb not in TOKEN_BLOCKS:
         raise ValueError(f"token block {tb} is not one of {TOKEN_BLOCKS}")
     t, k = x.shape
@@ -130,7 +177,7 @@ def spmm(
         raise ValueError(f"input has {k} features, the weight expects {packed.in_features}")
     n = packed.out_features
     x = x.contiguous()
-    y = torch.empty(t, n, dtype=torch.float32)
+    y = output(out, t, n)
     if t == 0:
         return y
     threads = threads or torch.get_num_threads()
@@ -141,5 +188,104 @@ def spmm(
         x.data_ptr(), t, k, ws.data_ptr(), packed.kc, packed.ncb,
         packed.rowptr.data_ptr(), packed.idx.data_ptr(), packed.val.data_ptr(), n,
         b.data_ptr() if b is not None else None, y.data_ptr(), threads,
+        *epilogue.args(t, n),
     )
     return y
+
+
+@dataclass(frozen=True)
+class PackedDense:
+    """A dense weight ``[N, K]`` in the GEMM's panel layout (``kernel.c``: ``tl_gemm_pack``):
+    panels of NR outputs, k-major, zero-padded to a whole panel. A copy of the weight, made
+    once per layer that stays dense."""
+
+    panels: torch.Tensor
+    out_features: int
+    in_features: int
+
+    def nbytes(self) -> int:
+        return self.panels.numel() * self.panels.element_size()
+
+
+@torch.no_grad()
+def pack_dense(weight: torch.Tensor) -> PackedDense:
+    """Pack ``weight`` ([N, K]) for :func:`gemm`."""
+    if weight.dim() != 2:
+        raise ValueError(f"expected a matrix, got shape {tuple(weight.shape)}")
+    w = weight.detach().to("cpu", torch.float32).contiguous()
+    n, k = w.shape
+    lib = load_library()
+    nr = lib.tl_gemm_nr()
+    panels = torch.empty((n + nr - 1) // nr * nr * k, dtype=torch.float32)
+    lib.tl_gemm_pack(w.data_ptr(), n, k, panels.data_ptr())
+    return PackedDense(panels, n, k)
+
+
+def gemm(x: torch.Tensor, packed: PackedDense, bias: torch.Tensor | None,
+         threads: int | None = None, epilogue: Epilogue = NO_EPILOGUE,
+         out: torch.Tensor | None = None) -> torch.Tensor:
+    """``epilogue(x @ W.T + bias)`` with ticketlab's dense kernel, for 2-D float32 CPU ``x``
+    (into ``out`` if given)."""
+    t, k = x.shape
+    if k != packed.in_features:
+        raise ValueError(f"input has {k} features, the weight expects {packed.in_features}")
+    n = packed.out_features
+    x = x.contiguous()
+    y = output(out, t, n)
+    if t == 0:
+        return y
+    threads = threads or torch.get_num_threads()
+    lib = load_library()
+    ws = _workspace_for(lib.tl_gemm_ws(t, k, threads))
+    b = bias.contiguous() if bias is not None else None
+    lib.tl_gemm(x.data_ptr(), t, k, packed.panels.data_ptr(), n,
+                           b.data_ptr() if b is not None else None, y.data_ptr(), threads,
+                           *epilogue.args(t, n), ws.data_ptr())
+    return y
+
+
+def apply_epilogue(y: torch.Tensor, epilogue: Epilogue, threads: int | None = None
+                   ) -> torch.Tensor:
+    """Apply ``epilogue`` in place to a product computed elsewhere (``F.linear``)."""
+    if epilogue.act == ACT_NONE and epilogue.ln is None:
+        return y
+    if y.dim() != 2 or not y.is_contiguous() or y.dtype != torch.float32:
+        raise ValueError("the epilogue works on a contiguous float32 matrix")
+    t, n = y.shape
+    load_library().tl_epilogue(y.data_ptr(), t, n, *epilogue.args(t, n),
+                               threads or torch.get_num_threads())
+    return y
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: int, seq: int,
+              heads: int, head_dim: int, key_bias: torch.Tensor | None, scale: float,
+              threads: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``softmax(q k^T * scale + key_bias) v`` per sequence and head, token-major in and out.
+
+    ``q``, ``k``, ``v``: ``[batch * seq, heads * head_dim]`` float32 views with unit column
+    stride (e.g. column slices of one fused QKV projection); ``key_bias``: ``[batch, seq]``
+    additive mask or None. Returns the context, ``[batch * seq, heads * head_dim]``.
+    """
+    lib = load_library()
+    vw = lib.tl_gemm_nr() // 2
+    if head_dim % vw:
+        raise ValueError(f"head size {head_dim} is not a multiple of the vector width {vw}")
+    width = heads * head_dim
+    for name, m in (("q", q), ("k", k), ("v", v)):
+        if m.shape != (batch * seq, width) or m.stride(1) != 1 or m.dtype != torch.float32:
+            raise ValueError(f"{name} must be a float32 [{batch * seq}, {width}] row-major view")
+    out = output(out, batch * seq, width)
+    if batch * seq == 0:
+        return out
+    if key_bias is not None:
+        key_bias = key_bias.to(torch.float32).contiguous()
+        if key_bias.shape != (batch, seq):
+            raise ValueError(f"key_bias must be [{batch}, {seq}]")
+    threads = threads or torch.get_num_threads()
+    tp = (seq + vw - 1) // vw * vw
+    ws = _workspace_for(threads * (head_dim + 9) * tp)
+    lib.tl_attention(q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(),
+                     v.stride(0), batch, seq, heads, head_dim,
+                     key_bias.data_ptr() if key_bias is not None else None, float(scale),
+                     out.data_ptr(), width, ws.data_ptr(), threads)
+    return out

@@ -1,0 +1,99 @@
+"""One Linear, dense MKL vs ticketlab's sparse kernel, across densities: where sparse can win.
+
+What is measured
+----------------
+For each matrix shape of MiniLM-L6 and BERT-base (Q/K/V/attention-out, FFN in, FFN out), each
+density (random unstructured masks) and each token count, the best time of dense ``F.linear``
+(MKL) and of the best sparse kernel variant (every token block and column chunk the calibration
+tries), on one thread, in CPU time of the calling thread (``time.thread_time``: the other load
+on a shared machine does not reach it) beside wall time, interleaved round by round.
+
+It prints the speed-up of sparse over dense and the kernel's efficiency per *useful* FLOP
+relative to MKL (``speed-up * density``: 1.0 would mean the sparse kernel multiplies a nonzero
+as fast as MKL multiplies any weight). Why: that efficiency is what bounds which density can
+ever run sparse. A sparse layer at density ``d`` is faster than dense only if
+``efficiency > d``; at density 1.0 the kernel does the same FLOPs as MKL while loading 6 bytes
+per weight instead of 4, so it cannot win, and the engine does not even time it above
+``ticketlab.sparse.calibration.MAX_SPARSE_DENSITY``.
+
+Run: ``python benchmarks/bench_kernel.py [--quick]``.
+"""
+
+from __future__ import annotations
+
+# isort: off
+import _common  # noqa: F401  # first: sets the environment
+# isort: on
+
+import argparse
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ticketlab.sparse.calibration import MAX_SPARSE_DENSITY, candidate_variants
+from ticketlab.sparse.kernels import pack_weight, spmm
+
+SHAPES = {"minilm": [(384, 384), (1536, 384), (384, 1536)],
+          "bert-base": [(768, 768), (3072, 768), (768, 3072)]}
+
+
+def best_times(fns: dict, rounds: int) -> dict[str, tuple[float, float]]:
+    """Best (CPU, wall) seconds per function over interleaved rounds with rotating order."""
+    for fn in fns.values():
+        fn()
+    names = list(fns)
+    best = {n: (float("inf"), float("inf")) for n in names}
+    for r in range(rounds):
+        k = r % len(names)
+        for n in names[k:] + names[:k]:
+            c0, w0 = time.thread_time(), time.perf_counter()
+            fns[n]()
+            c, w = time.thread_time() - c0, time.perf_counter() - w0
+            best[n] = (min(best[n][0], c), min(best[n][1], w))
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="MiniLM shapes, 128 tokens")
+    parser.add_argument("--densities", default="0.05,0.1,0.3,0.5,0.6,0.7,0.8,0.9,1.0")
+    parser.add_argument("--tokens", default=None, help="default 128,4096 (quick: 128)")
+    parser.add_argument("--models", default=None, help="default minilm,bert-base")
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    densities = [float(d) for d in args.densities.split(",")]
+    tokens = [int(t) for t in (args.tokens or ("128" if args.quick else "128,4096")).split(",")]
+    models = (args.models or ("minilm" if args.quick else "minilm,bert-base")).split(",")
+    print(f"torch {torch.__version__}, 1 thread, load average {os.getloadavg()[0]:.2f}; "
+          f"MAX_SPARSE_DENSITY = {MAX_SPARSE_DENSITY}")
+    print("| shape | tokens | density | dense ms (CPU) | best sparse | sparse ms (CPU) | "
+          "speed-up CPU | speed-up wall | efficiency per useful FLOP |")
+    print("|---|---:|---:|---:|---|---:|---:|---:|---:|")
+    gen = torch.Generator().manual_seed(0)
+    for model in models:
+        for n, k in SHAPES[model]:
+            w = torch.randn(n, k, generator=gen) * 0.05
+            keep = torch.rand(n, k, generator=gen)
+            for t in tokens:
+                x = torch.randn(t, k, generator=gen)
+                for d in densities:
+                    wd = w * (keep < d)
+                    fns = {"dense": lambda wd=wd, x=x: F.linear(x, wd)}
+                    packs = {}
+                    for v in candidate_variants(k, t, 1):
+                        if v.kc not in packs:
+                            packs[v.kc] = pack_weight(wd, v.kc)
+                        fns[v.name] = lambda p=packs[v.kc], tb=v.tb, x=x: spmm(x, p, None, tb, 1)
+                    best = best_times(fns, args.rounds)
+                    name = min((m for m in best if m != "dense"), key=lambda m: best[m][0])
+                    dc, dw = best["dense"]
+                    sc, sw = best[name]
+                    print(f"| {n}x{k} | {t} | {d:.2f} | {1e3 * dc:.3f} | {name} | {1e3 * sc:.3f} "
+                          f"| {dc / sc:.2f}x | {dw / sw:.2f}x | {d * dc / sc:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
