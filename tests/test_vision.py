@@ -1001,3 +1001,29 @@ seeds = 1
     assert result.exit_code == 0, result.output
     table = (tmp_path / "report" / "table2.md").read_text()
     assert "cifar10-vehicles" in table and "Majority class (chance) | 25.0" in table
+
+
+def test_adversarial_imp_and_robust_accuracy_on_an_image_task(cifar_dir: Path, tiny_cnn_dir: Path,
+                                                             tmp_path: Path) -> None:
+    """--adversarial pgd trains a CNN on L∞ PGD in pixel space with the Double-Win defaults,
+    and --eval-attack scores every level by robust accuracy, never above standard accuracy."""
+    from ticketlab.store import list_runs
+
+    args = ["find", "--task", "cifar10", "--target-sparsity", "0.2", "--adversarial", "pgd",
+            "--eval-attack", "pgd", "--eval-attack-steps", "3",
+            *_train_args(cifar_dir, tiny_cnn_dir, tmp_path)]
+    result = _cli(args)
+    assert result.exit_code == 0, result.output
+    (run,) = list_runs(tmp_path)
+    train = run.read_hparams()["hparams"]["train"]
+    assert (train["adversarial"], train["adv_norm"], train["adv_steps"]) == ("pgd", "linf", 3)
+    assert train["adv_eps"] == pytest.approx(8 / 255)
+    assert train["adv_step"] == pytest.approx(16 / (3 * 255))
+    for level in (0, 1):
+        metrics = run.metrics(level)["metrics"]
+        assert 0.0 <= metrics["robust_accuracy"] <= metrics["accuracy"] <= 1.0
+    # the same search without adversarial training is another run (another id)
+    plain = _cli(["find", "--task", "cifar10", "--target-sparsity", "0.2",
+                  *_train_args(cifar_dir, tiny_cnn_dir, tmp_path)])
+    assert plain.exit_code == 0, plain.output
+    assert len(list_runs(tmp_path)) == 2

@@ -169,6 +169,13 @@ class VisionFamily(Family):
             return True
         return getattr(getattr(model, "config", None), "model_type", None) in HF_VISION_TYPES
 
+    def input_space(self, model: nn.Module, processor: Any) -> Any:
+        """Images are attacked in pixel space, [0, 1] before the normalisation (so ε = 8/255
+        means what the papers mean and every attacked image is a valid image)."""
+        from ticketlab.attacks import PixelSpace
+
+        return PixelSpace(processor.mean, processor.std)
+
     def processor(self, model_ref: str, trust_remote_code: bool = False) -> ImageSpec:
         if canonical_name(model_ref) or _is_checkpoint_file(model_ref) or _external(model_ref):
             return ImageSpec()

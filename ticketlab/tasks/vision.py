@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from ticketlab.errors import TicketlabError
-from ticketlab.tasks.base import DataSource, Task
+from ticketlab.tasks.base import DataSource, Task, classification_worst_case
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                    "ship", "truck")
@@ -59,6 +59,12 @@ PAPER_DEFAULTS: dict[str, Any] = {
     "batch_size": 256, "epochs": 182.0, "warmup_ratio": 1 / 182, "lr_scheduler_type": "step",
     "max_grad_norm": 0.0, "rate": 0.2, "schedule": "remaining", "target_sparsity": 0.9856,
     "image_size": 32, "eval_batch_size": 256, "group_by_length": False,
+    # Adversarial training and robust evaluation (used only with --adversarial/--eval-attack):
+    # Double-Win-LTH's ticket search (main_adv.py:83-85, :321-323: advertorch LinfPGDAttack,
+    # random start, pixels clipped to [0, 1]): L∞ ε 8/255, 3 steps of 16/(3·255). Its
+    # evaluation attack (main_adv_eval.py:62-64) is PGD-20 with steps of 2/255; ticketlab's
+    # --eval-attack-steps defaults to 10 with the training step size.
+    "adv_norm": "linf", "adv_eps": 8 / 255, "adv_step": 16 / (3 * 255), "adv_steps": 3,
 }
 
 
@@ -136,12 +142,17 @@ class ImageClassificationTask(Task):
     output_keys = ("logits",)
     settings = ("image_size",)
     paper_defaults = PAPER_DEFAULTS
+    robust_evaluation = True
     #: Class names in label order.
     classes: tuple[str, ...] = ()
 
     @property
     def label_names(self) -> tuple[str, ...]:
         return self.classes
+
+    def worst_case(self, clean: Any, adversarial: Any, batch: dict[str, Any]) -> Any:
+        """See :func:`ticketlab.tasks.base.classification_worst_case`."""
+        return classification_worst_case(clean, adversarial, batch)
 
     def num_labels(self, train_examples: list[dict[str, Any]] | None = None) -> int:
         return len(self.classes)
