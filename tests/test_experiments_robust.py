@@ -43,6 +43,31 @@ def test_robust_transfer_end_to_end(tiny_bert_dir, glue_dir, tmp_path) -> None:
     assert masks[0] != masks[1]
     again = runner.invoke(app, args)  # everything is stored: nothing is trained twice
     assert again.exit_code == 0 and "train: step" not in again.output
+    # show, table and curves carry robust accuracy for runs scored under --eval-attack
+    vanilla = next(r for r in imp
+                   if r.read_hparams()["hparams"]["train"].get("adversarial", "none") == "none")
+    shown = runner.invoke(app, ["show", vanilla.path.name, "--root", str(root), "--csv"])
+    assert shown.exit_code == 0, shown.output
+    import csv
+
+    rows = list(csv.DictReader(shown.stdout.splitlines()))
+    robust = [float(r["robust_score"]) for r in rows]
+    assert robust == [vanilla.metrics(k)["robust_score"] for k in (0, 1)]
+    assert float(rows[1]["robust_delta"]) == robust[1] - robust[0]
+    table = runner.invoke(app, ["table", "--root", str(root), "--format", "markdown"])
+    assert table.exit_code == 0, table.output
+    assert "Highest double-win sparsity" in table.output and "Full model, robust" in table.output
+    records = json.loads(runner.invoke(app, ["table", "--root", str(root), "--format",
+                                             "json"]).stdout)  # messages go to stderr
+    assert {"full_robust", "highest_robust_matching", "highest_double_win"} <= set(records[0])
+    curves = runner.invoke(app, ["curves", "--task", "sst2", "--root", str(root), "--out",
+                                 str(out)])
+    assert curves.exit_code == 0, curves.output
+    from PIL import Image
+
+    with Image.open(out / "curves_sst2.png") as png:
+        width, height = png.size
+    assert width > 2 * height  # two panels side by side: standard and robust
 
 
 def test_robust_transfer_needs_an_adversarial_source(tiny_bert_dir, glue_dir, tmp_path):

@@ -125,7 +125,7 @@ def test_describe_fits_80_columns_and_prints_json(tiny_bert_dir, narrow) -> None
     assert "@90%" in text and "13 matrices" in text
     doc = json.loads(invoke("describe", "--model", tiny_bert_dir, "--json").stdout)
     assert set(doc) == {"model", "family", "prunable_weights", "model_weights", "matrices",
-                        "warnings"}
+                        "warnings", "notes"}
     assert len(doc["matrices"]) == 13 and doc["prunable_weights"] == sum(
         m["numel"] for m in doc["matrices"])
     first = doc["matrices"][0]

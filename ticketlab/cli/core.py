@@ -169,7 +169,8 @@ def describe(
 
     A matrix whose weights are far smaller than the rest is wiped out first by one global
     magnitude ranking; describe shows how much of each matrix goes at 10/50/90 %.
-    --json prints {model, prunable_weights, model_weights, matrices: [...], warnings: [...]}."""
+    --json prints {model, family, prunable_weights, model_weights, matrices: [...], warnings:
+    [...], notes: [...]}."""
     from ticketlab.families import family_for
     from ticketlab.masks import Mask
     from ticketlab.models import matrix_stats, prunable_parameters

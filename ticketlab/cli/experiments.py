@@ -199,8 +199,10 @@ def table(
     if fmt not in TABLE2_FORMATS:
         raise TicketlabError(f"Unknown --format {fmt!r}.",
                              f"Use {', '.join(TABLE2_FORMATS)}.")
-    columns = table2_columns(resolve_root(root),
-                             _names(tasks, "--tasks") if tasks else None, rewind_step, console)
+    with messages_to_stderr("table" if fmt == "markdown" else fmt):  # stdout: the table only
+        columns = table2_columns(resolve_root(root),
+                                 _names(tasks, "--tasks") if tasks else None, rewind_step,
+                                 console)
     if not columns:
         raise TicketlabError(f"No finished IMP runs in {resolve_root(root)}"
                              + (f" for {tasks}" if tasks else "") + ".",

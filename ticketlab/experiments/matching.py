@@ -206,9 +206,13 @@ def table2_column(group: SeedGroup) -> Table2Column | None:
             found.setdefault(rec["branch"]["kind"], []).append(rec["score"])
     baselines = {k: Stats.of(v) for k, v in found.items()}
     hp = RunHparams.from_dict(group.reference.read_hparams()["hparams"])
+    wins = double_win(group)
     return Table2Column(group.task, summary.metric, summary.seeds, summary.full,
                         summary.highest, summary.highest_strict, level, baselines,
-                        chance_score(hp), labels=dict(KIND_LABELS))
+                        chance_score(hp), labels=dict(KIND_LABELS),
+                        robust_full=None if wins is None else wins.robust.full,
+                        robust_matching=None if wins is None else wins.robust.highest,
+                        double_win=None if wins is None else wins.highest)
 
 
 def table2_columns(root: Path, tasks: Sequence[str] | None = None, rewind_step: int = 0,
@@ -241,19 +245,21 @@ def write_table2(columns: Sequence[Table2Column], out: Path) -> dict[str, Path]:
 
 
 # --- sparsity-score curves --------------------------------------------------------------------
-def curve_series(group: SeedGroup) -> tuple[Stats, dict[str, list[tuple[float, Stats]]]] | None:
-    """IMP's score at every level and each baseline's at the levels it was run, mean ± std over
-    seeds (None until every seed has its full model)."""
-    summary = summarize_group(group)
+def curve_series(group: SeedGroup, key: str = "score"
+                 ) -> tuple[Stats, dict[str, list[tuple[float, Stats]]]] | None:
+    """IMP's score (``key``: ``score``, or ``robust_score`` under --eval-attack) at every level
+    and each baseline's at the levels it was run, mean ± std over seeds (None until every seed
+    has its full model scored that way)."""
+    summary = summarize_group(group, key)
     if summary is None:
         return None
     series: dict[str, list[tuple[float, Stats]]] = {
         "IMP": [(s.sparsity, s.stats) for s in summary.levels]}
     found: dict[tuple[str, int], tuple[float, list[float]]] = {}
     for rec in branch_records(group.reference):
-        if rec["branch"]["seed"] in group.runs:
-            key = (rec["branch"]["kind"], rec["level"])
-            found.setdefault(key, (rec["sparsity"], []))[1].append(rec["score"])
+        if rec["branch"]["seed"] in group.runs and key in rec:
+            cell = (rec["branch"]["kind"], rec["level"])
+            found.setdefault(cell, (rec["sparsity"], []))[1].append(rec[key])
     for kind in KIND_LABELS:
         points = [(sp, Stats.of(v)) for (k, _), (sp, v) in sorted(found.items()) if k == kind]
         if points:
@@ -262,7 +268,8 @@ def curve_series(group: SeedGroup) -> tuple[Stats, dict[str, list[tuple[float, S
 
 
 def write_curves(group: SeedGroup, out: Path) -> Path | None:
-    """``curves_<task>.png``: score against sparsity for IMP and every baseline found."""
+    """``curves_<task>.png``: score against sparsity for IMP and every baseline found (and,
+    for runs scored under --eval-attack, robust score in a second panel)."""
     data = curve_series(group)
     if data is None:
         return None
@@ -270,5 +277,6 @@ def write_curves(group: SeedGroup, out: Path) -> Path | None:
     path = out / f"curves_{group.task}.png"
     plot_curves(f"{task_label(group.task)}: score against sparsity "
                 f"({len(group.seeds)} seed{'s' if len(group.seeds) > 1 else ''})",
-                group.main_metric(), full, series, path)
+                group.main_metric(), full, series, path,
+                robust=curve_series(group, "robust_score"))
     return path

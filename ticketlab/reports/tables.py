@@ -213,11 +213,15 @@ def levels_table(records: list[dict[str, Any]], tolerance: float = 0.01,
     """Every finished level of a run against its full model (level 0)."""
     metric = records[0]["main_metric"] if records else "score"
     yes_no = {True: "yes", False: "no", None: "full model"}
+    robust = any("robust_score" in r for r in records)  # scored under --eval-attack
+    robust_columns = [Column("robust_score", f"robust {metric} (%)", points()),
+                      Column("robust_delta", "robust Δ", points(signed=True))] if robust else []
     table = Table([
         Column("level", "level"),
         Column("sparsity", "sparsity", pct()),
         Column("score", f"{metric} (%)", points()),
         Column("delta", "Δ vs full", points(signed=True)),
+        *robust_columns,
         Column("within", f"within {tolerance * 100:g} pt", lambda v: yes_no[v]),
         Column("pooler_sparsity", "pooler", lambda v: "dense" if v is None else f"{v:.0%}",
                drop=1),
@@ -225,12 +229,17 @@ def levels_table(records: list[dict[str, Any]], tolerance: float = 0.01,
         Column("train_seconds", "train s", fixed(".0f"), drop=3),
     ], title=title)
     full = records[0]["score"] if records and records[0]["level"] == 0 else None
+    robust_full = records[0].get("robust_score") if full is not None else None
     for rec, ok in zip(records, within(records, tolerance), strict=True):
         first = rec["level"] == 0
+        rob = rec.get("robust_score")
         table.add({
             "level": rec["level"], "sparsity": rec["sparsity"], "score": rec["score"],
             "main_metric": rec.get("main_metric"),
             "delta": None if full is None or first else rec["score"] - full,
+            **({"robust_score": rob,
+                "robust_delta": None if rob is None or robust_full is None or first
+                else rob - robust_full} if robust else {}),
             "within": None if first else ok,
             "pooler_sparsity": roles_of(rec).get("pooler"),
             "steps": rec["train"]["steps"], "train_seconds": rec["train"]["seconds"],
@@ -452,6 +461,11 @@ class Table2Column:
     chance: float | None = None  # the majority-class score
     #: Baseline kind -> its row label, in the table's row order (kinds not named: their key).
     labels: dict[str, str] = field(default_factory=dict)
+    #: Under --eval-attack: the full model's robust score, the highest robust-matching level
+    #: (on robust scores) and the highest double-win level (matching on both; Double-Win LTH).
+    robust_full: MeanStd | None = None
+    robust_matching: LevelScore | None = None
+    double_win: LevelScore | None = None
 
     @property
     def at_chance(self) -> bool:
@@ -484,6 +498,15 @@ def table2_rows(columns: Sequence[Table2Column]) -> list[tuple[str, list[str]]]:
          [mean_std(c.imp.stats) if c.imp else "–" for c in columns]),
         ("Highest strictly matching sparsity", [pct_of(c.strict) for c in columns]),
     ]
+    if any(c.robust_full is not None for c in columns):
+        rows += [
+            ("Full model, robust", ["–" if c.robust_full is None else mean_std(c.robust_full)
+                                    for c in columns]),
+            ("Highest robust-matching sparsity",
+             ["–" if c.robust_full is None else pct_of(c.robust_matching) for c in columns]),
+            ("Highest double-win sparsity",
+             ["–" if c.robust_full is None else pct_of(c.double_win) for c in columns]),
+        ]
     for kind in dict.fromkeys(kinds):
         rows.append((labels.get(kind, kind),
                      [mean_std(c.baselines[kind]) if kind in c.baselines else "–"
@@ -538,6 +561,14 @@ def table2_csv(columns: Sequence[Table2Column]) -> str:
             if s is not None:
                 w.writerow([c.task, c.metric, entry, s.level, s.sparsity, s.stats.mean,
                             s.stats.std, s.stats.n])
+        if c.robust_full is not None:
+            w.writerow([c.task, c.metric, "full-robust", 0, 0.0, c.robust_full.mean,
+                        c.robust_full.std, c.robust_full.n])
+        for entry, s in (("imp-robust-matching", c.robust_matching),
+                         ("imp-double-win", c.double_win)):
+            if s is not None:
+                w.writerow([c.task, c.metric, entry, s.level, s.sparsity, s.stats.mean,
+                            s.stats.std, s.stats.n])
         sparsity = c.imp.sparsity if c.imp is not None else ""
         for kind, st in c.baselines.items():
             w.writerow([c.task, c.metric, kind, c.level, sparsity, st.mean, st.std, st.n])
@@ -571,7 +602,11 @@ def table2_records(columns: Sequence[Table2Column]) -> list[dict[str, Any]]:
              "majority_class": c.chance, "full_at_chance": c.at_chance,
              "highest_matching": level(c.imp), "highest_strictly_matching": level(c.strict),
              "baseline_level": c.level,
-             "baselines": {k: stats_dict(v) for k, v in c.baselines.items()}}
+             "baselines": {k: stats_dict(v) for k, v in c.baselines.items()},
+             **({"full_robust": stats_dict(c.robust_full),
+                 "highest_robust_matching": level(c.robust_matching),
+                 "highest_double_win": level(c.double_win)} if c.robust_full is not None
+                else {})}
             for c in columns]
 
 
