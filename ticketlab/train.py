@@ -305,6 +305,47 @@ def _check_finite(value: float, step: int, lr: float) -> None:
         )
 
 
+def _check_batch_split(hp: TrainHparams, processes: int) -> None:
+    """``--batch-size`` is the global batch: it must split over processes × micro-batches."""
+    parts = processes * hp.gradient_accumulation_steps
+    if hp.batch_size % parts:
+        raise TicketlabError(
+            f"--batch-size {hp.batch_size} is the global batch and must split evenly over "
+            f"{processes} processes × {hp.gradient_accumulation_steps} micro-batches.",
+            f"Use a multiple of {parts}.")
+
+
+def _optimization(model: nn.Module, hp: TrainHparams, total: int,
+                  resume: TrainState | None) -> tuple[torch.optim.Optimizer, Any]:
+    """A fresh optimizer and schedule for a ``total``-step run, at ``resume``'s state if given."""
+    optimizer = _optimizer(model, hp)
+    scheduler = _scheduler(optimizer, hp, total)
+    if resume is not None:
+        optimizer.load_state_dict(resume.optimizer)
+        scheduler.load_state_dict(resume.scheduler)
+    return optimizer, scheduler
+
+
+def _update(model: nn.Module, batch: dict[str, Any], forward: Callable[..., Any], method: Any,
+            accelerator: Any, hp: TrainHparams, optimizer: torch.optim.Optimizer,
+            scheduler: Any, enforcer: MaskEnforcer, hooks: tuple[Any, ...], step: int) -> float:
+    """Optimizer step number ``step``, in the order IMP needs: back-propagate (the training
+    method), zero the pruned weights' gradients, let the hooks read the gradients, clip, step,
+    re-zero the pruned weights. Returns the batch loss."""
+    value = _optimizer_step(model, batch, forward, method, accelerator, hp)
+    _check_finite(value, step, scheduler.get_last_lr()[0])
+    enforcer.zero_grads()
+    for hook in hooks:
+        hook.after_backward(step)
+    if hp.max_grad_norm and hp.max_grad_norm > 0:
+        accelerator.clip_grad_norm_(model.parameters(), hp.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    enforcer.zero_weights()
+    return value
+
+
 def train(
     model: nn.Module,
     prunable: dict[str, nn.Parameter],
@@ -353,28 +394,18 @@ def train(
     if len(dataset) == 0:
         raise TicketlabError("The training split is empty.", "Check the data and sample limits.")
     accelerator = get_accelerator(runtime)
-    if hp.batch_size % (accelerator.num_processes * hp.gradient_accumulation_steps):
-        raise TicketlabError(
-            f"--batch-size {hp.batch_size} is the global batch and must split evenly over "
-            f"{accelerator.num_processes} processes × {hp.gradient_accumulation_steps} "
-            "micro-batches.",
-            f"Use a multiple of {accelerator.num_processes * hp.gradient_accumulation_steps}.",
-        )
+    _check_batch_split(hp, accelerator.num_processes)
     torch.manual_seed(seed)
     reseed = getattr(collator, "reseed", None)
     if reseed is not None:  # a collator with its own random stream (image augmentation)
         reseed(seed)
     loader = _loader(dataset, hp, seed, collator)
-    optimizer = _optimizer(model, hp)
     total = planned_steps(len(dataset), hp)
-    scheduler = _scheduler(optimizer, hp, total)
     first = resume.step if resume is not None else 0
     stop = total if stop_step is None else stop_step
     if not first <= stop <= total:
         raise ValueError(f"cannot train steps {first}..{stop} of a {total}-step run")
-    if resume is not None:
-        optimizer.load_state_dict(resume.optimizer)
-        scheduler.load_state_dict(resume.scheduler)
+    optimizer, scheduler = _optimization(model, hp, total, resume)
     if accelerator.num_processes > 1:
         model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader,
                                                                   scheduler)
@@ -394,17 +425,8 @@ def train(
         while step < stop:
             batch = next(batches)
             batch = {k: v.to(device) for k, v in batch.items() if k in accepted}
-            value = _optimizer_step(model, batch, forward, method, accelerator, hp)
-            _check_finite(value, step + 1, scheduler.get_last_lr()[0])
-            enforcer.zero_grads()
-            for hook in hooks:
-                hook.after_backward(step + 1)
-            if hp.max_grad_norm and hp.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), hp.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            enforcer.zero_weights()
+            value = _update(model, batch, forward, method, accelerator, hp, optimizer,
+                            scheduler, enforcer, hooks, step + 1)
             step += 1
             seen += len(next(iter(batch.values())))
             loss_sum += value
