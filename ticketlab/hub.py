@@ -122,19 +122,7 @@ def model_card(info: dict[str, Any], labels: list[str] | None = None,
     base = base_model_id(info.get("model"))
     dataset = _hub_dataset(info.get("task"))
     sparsity = float(info.get("sparsity", 0.0))
-    front = ["---"]
-    if not compressed:
-        front.append("library_name: transformers")
-    if head in PIPELINE_TAGS:
-        front.append(f"pipeline_tag: {PIPELINE_TAGS[head]}")
-    if base:
-        front.append(f"base_model: {base}")
-    if dataset:
-        front.append(f"datasets:\n- {dataset}")
-    front += ["tags:", "- ticketlab", "- lottery-ticket", "- pruned", "- sparse"]
-    if compressed:
-        front.append("- compressed-ticket")
-    front.append("---")
+    front = _front_matter(compressed, head, base, dataset)
 
     model = base or (f"a local model ({Path(info['model']).name})" if info.get("model")
                      else "an unknown model")
@@ -179,6 +167,44 @@ def model_card(info: dict[str, Any], labels: list[str] | None = None,
     if info.get("found_by"):
         lines += ["", "## How it was found", "",
                   _found_by_text(info["found_by"], sparsity, head)]
+    lines += _load_lines(info, head, compressed)
+    speed = ("For sparse speed on CPU, `ticketlab.accelerate_ticket(model)` swaps the pruned "
+             "matrices for ticketlab's sparse kernels (outputs equal to float32 rounding).")
+    if image:
+        speed = ("The pruned convolutions are stored as exact zeros; ticketlab's sparse CPU "
+                 "kernels do not run convolutions yet, so `ticketlab.accelerate_ticket(model)` "
+                 "returns a model that runs dense.")
+    lines += [
+        "", speed,
+        "", f"*Exported by ticketlab {info.get('ticketlab_version', '')}*",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _front_matter(compressed: bool, head: str, base: str | None, dataset: str | None
+                  ) -> list[str]:
+    """The card's YAML header: what the Hub indexes (library, pipeline, base model, data)."""
+    front = ["---"]
+    if not compressed:
+        front.append("library_name: transformers")
+    if head in PIPELINE_TAGS:
+        front.append(f"pipeline_tag: {PIPELINE_TAGS[head]}")
+    if base:
+        front.append(f"base_model: {base}")
+    if dataset:
+        front.append(f"datasets:\n- {dataset}")
+    front += ["tags:", "- ticketlab", "- lottery-ticket", "- pruned", "- sparse"]
+    if compressed:
+        front.append("- compressed-ticket")
+    front.append("---")
+    return front
+
+
+def _load_lines(info: dict[str, Any], head: str, compressed: bool) -> list[str]:
+    """"How to load it": plain transformers for a folder, ticketlab for a compressed ticket."""
+    image = head == "image-classification"
+    lines: list[str] = []
     lines += ["", "## How to load it", ""]
     auto = AUTO_CLASSES.get(head, "AutoModel")
     processor, proc_var = (("AutoImageProcessor", "processor") if image
@@ -203,18 +229,7 @@ def model_card(info: dict[str, Any], labels: list[str] | None = None,
             f'model = {auto}.from_pretrained("REPO_OR_FOLDER")',
             f'{proc_var} = {processor}.from_pretrained("REPO_OR_FOLDER")', "```",
         ]
-    speed = ("For sparse speed on CPU, `ticketlab.accelerate_ticket(model)` swaps the pruned "
-             "matrices for ticketlab's sparse kernels (outputs equal to float32 rounding).")
-    if image:
-        speed = ("The pruned convolutions are stored as exact zeros; ticketlab's sparse CPU "
-                 "kernels do not run convolutions yet, so `ticketlab.accelerate_ticket(model)` "
-                 "returns a model that runs dense.")
-    lines += [
-        "", speed,
-        "", f"*Exported by ticketlab {info.get('ticketlab_version', '')}*",
-        "",
-    ]
-    return "\n".join(lines)
+    return lines
 
 
 # --- pushing ------------------------------------------------------------------------------------
