@@ -848,7 +848,7 @@ def test_export_and_bench_a_vision_level(vision_run: dict, tmp_path: Path) -> No
     assert (tmp_path / "b.png").is_file()
 
 
-def test_accelerate_ticket_falls_back_to_dense_for_cnns() -> None:
+def test_accelerate_ticket_keeps_an_unpruned_cnn_exact() -> None:
     from ticketlab.sparse import accelerate_ticket, sparse_layers
 
     model = tiny_resnet().eval()
@@ -856,10 +856,44 @@ def test_accelerate_ticket_falls_back_to_dense_for_cnns() -> None:
         fast = accelerate_ticket(model, tokens=(1,))
     except TicketlabError as e:  # no C compiler on this machine
         pytest.skip(str(e))
-    assert sparse_layers(fast) == {}
+    assert sparse_layers(fast) == {}  # its 1x1 convolutions have stride 2: not a plain product
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(fast(pixel_values=x).logits, model(pixel_values=x).logits)
+
+
+def test_pruned_pointwise_convolutions_run_on_the_sparse_kernel() -> None:
+    """MobileNetV2's 1x1 convolutions, 90 % pruned, on the kernel (forced by the table): the
+    logits equal the dense model's to float32 rounding, and only plain 1x1 convolutions
+    (stride 1, one group) are rewritten; depthwise and the 3x3 stem stay PyTorch."""
+    from tests.test_sparse import ForcedTable
+    from ticketlab.families import cnn
+    from ticketlab.sparse import accelerate_ticket, sparse_layers
+    from ticketlab.sparse.conv import SparseConv1x1
+
+    model = cnn.build("mobilenet_v2", 10, 0).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1):
+                w = m.weight
+                w.mul_(w.abs() > w.abs().flatten().kthvalue(int(0.9 * w.numel())).values)
+    try:
+        # the table and a margin of -100 force the kernel: this pins correctness, not speed
+        fast = accelerate_ticket(model, table=ForcedTable("tb32-kc128"), margin=-100.0)
+    except TicketlabError as e:
+        pytest.skip(str(e))
+    convs = [m for m in fast.modules() if isinstance(m, SparseConv1x1)]
+    pointwise = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)
+                 and m.kernel_size == (1, 1) and m.groups == 1]
+    assert len(convs) == len(pointwise) == 34  # every pointwise conv (the stem is a 3x3)
+    assert len(sparse_layers(fast)) == 34
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        ref, out = model(pixel_values=x).logits, fast(pixel_values=x).logits
+    assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
+    layer = next(iter(sparse_layers(fast).values()))
+    assert layer.pixels_per_example is not None and any(
+        choice != "dense" for choice, _ in layer._seen.values())  # the kernel really ran
 
 
 def test_time_by_role_splits_a_forward_pass() -> None:

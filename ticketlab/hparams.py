@@ -108,6 +108,11 @@ def _finite(value: float, flag: str, fix: str, positive: bool = False, low: floa
         raise TicketlabError(f"{flag} {value} must be {need}.", fix)
 
 
+#: Stored field names that were renamed: section -> {old: new}. The vision work's
+#: ``lr_schedule`` (linear/step) became a value of the one ``lr_scheduler_type`` option.
+_RENAMED_FIELDS: dict[str, dict[str, str]] = {"train": {"lr_schedule": "lr_scheduler_type"}}
+
+
 @dataclass(frozen=True)
 class ModelHparams:
     """Which pre-trained network θ0 is: a local folder, a hub id, or ``minilm`` (offline)."""
@@ -481,6 +486,9 @@ class RunHparams:
         parts = {}
         for name, sub_cls in _SECTIONS.items():
             raw = dict(d.get(name, {}))
+            for old, new in _RENAMED_FIELDS.get(name, {}).items():
+                if old in raw and new not in raw:
+                    raw[new] = raw.pop(old)
             known = {f.name for f in fields(sub_cls)}
             unknown = sorted(set(raw) - known)
             if unknown:

@@ -214,7 +214,7 @@ def _bench(run: str, level: int, batch_sizes: list[str] | None, seq_len: int,
                     dense, accel = t["dense"]["wall"], t["accel"]["wall"]
                     cpu_ratio = _cpu_ratio(t, th)
                     results[(th, b)] = (dense / accel, cpu_ratio)
-                    used = sum(m.decide(tokens[sizes.index(b)], th) != "dense"
+                    used = sum(m.decide(_rows(m, tokens[sizes.index(b)], b), th) != "dense"
                                for m in layers.values())
                     report["results"].append({
                         "threads": th, "batch": b, "dense_ms": dense * 1e3,
@@ -237,6 +237,12 @@ def _bench(run: str, level: int, batch_sizes: list[str] | None, seq_len: int,
     console.print(f"plot: {png}")
     report["png"] = str(png)
     return report
+
+
+def _rows(layer: Any, tokens: int, batch: int) -> int:
+    """Rows of a layer's product: the batch's tokens, or for a 1x1 convolution its pixels."""
+    pixels = getattr(layer, "pixels_per_example", None)
+    return batch * pixels if pixels else tokens
 
 
 def image_side(ticket: Any) -> int | None:

@@ -13,8 +13,11 @@ registered by default:
   not support (gradients, cross-attention, caches, returned attention weights, other dtypes);
 - every targeted ``nn.Linear`` becomes a :class:`SparseLinear`.
 
-Anything else (embeddings, a CNN's convolutions, a head) stays plain PyTorch: a model ticketlab
-does not recognise runs exactly as before. A new architecture plugs in with one more
+- every targeted 1×1 convolution (a CNN ticket's pointwise layers) becomes a
+  :class:`~ticketlab.sparse.conv.SparseConv1x1`: the same product over pixels.
+
+Anything else (embeddings, depthwise and 3×3 convolutions, a head) stays plain PyTorch: a model
+ticketlab does not recognise runs exactly as before. A new architecture plugs in with one more
 :func:`register_rewrite` call, not an edit here.
 
 A :class:`SparseLinear` keeps the dense weight (shared with the original model, not copied) and,
@@ -217,7 +220,8 @@ class RewriteContext:
 
     def linear(self, module: nn.Module) -> nn.Module:
         """``module`` as a :class:`SparseLinear` if it is a targeted Linear, else unchanged."""
-        if isinstance(module, SparseLinear) or id(module) not in self.targets:
+        if (isinstance(module, SparseLinear) or id(module) not in self.targets
+                or not isinstance(module, nn.Linear)):
             return module
         return SparseLinear(module, self.table, self.margin)
 
@@ -264,14 +268,22 @@ def _linear_rule(module: nn.Module, ctx: RewriteContext) -> nn.Module | None:
 register_rewrite(nn.Linear, _linear_rule)
 
 
-def _target_linears(model: nn.Module, names: Iterable[str] | None) -> dict[str, nn.Linear]:
-    """Module name -> Linear to accelerate: ``names``, or the model's prunable set."""
+def _acceleratable(module: Any) -> bool:
+    from ticketlab.sparse.conv import is_pointwise
+
+    return isinstance(module, nn.Linear) or is_pointwise(module)
+
+
+def _target_linears(model: nn.Module, names: Iterable[str] | None) -> dict[str, nn.Module]:
+    """Module name -> Linear (or 1×1 convolution) to accelerate: ``names``, or the model's
+    prunable set."""
     modules = dict(model.named_modules())
     if names is not None:
         chosen = list(names)
-        bad = [n for n in chosen if not isinstance(modules.get(n), nn.Linear)]
+        bad = [n for n in chosen if not _acceleratable(modules.get(n))]
         if bad:
-            raise TicketlabError(f"These are not nn.Linear modules of the model: {bad[:3]}.",
+            raise TicketlabError(f"These are not nn.Linear (or 1x1 nn.Conv2d) modules of the "
+                                 f"model: {bad[:3]}.",
                                  "Pass module names from model.named_modules().")
         return {n: modules[n] for n in chosen}
     base = getattr(model, "base_model", None)
@@ -283,7 +295,7 @@ def _target_linears(model: nn.Module, names: Iterable[str] | None) -> dict[str, 
     found = {}
     for pname in default_prunable_names(model, prune_pooler=True):
         mname = prefix + pname.removesuffix(".weight")
-        if isinstance(modules.get(mname), nn.Linear):
+        if _acceleratable(modules.get(mname)):
             found[mname] = modules[mname]
     return found
 
@@ -312,7 +324,7 @@ def accelerate_ticket(
     The result is in eval mode, its parameters do not require gradients, and the input model is
     left untouched. Outputs match the dense model up to float32 summation order.
     """
-    from ticketlab.sparse import fused  # noqa: F401  # registers the encoder-layer rules
+    from ticketlab.sparse import conv, fused  # noqa: F401  # register their rules
     from ticketlab.sparse.build import load_library
 
     load_library()  # build errors surface now, not in the middle of a forward pass
@@ -332,6 +344,8 @@ def accelerate_ticket(
         _linear_only(fast, ctx)
     thread_counts = list(threads) if threads is not None else [torch.get_num_threads()]
     for layer in sparse_layers(fast).values():
+        if hasattr(layer, "pixels_per_example"):
+            continue  # a 1x1 convolution: its rows are pixels, calibrated at its first call
         for th in thread_counts:
             for t in tokens:
                 layer.kernel(t, th)
@@ -339,8 +353,11 @@ def accelerate_ticket(
 
 
 def _linear_only(module: nn.Module, ctx: RewriteContext) -> None:
+    from ticketlab.sparse.conv import _conv_rule
+
     for name, child in list(module.named_children()):
-        new = ctx.linear(child)
+        new = ctx.linear(child) if isinstance(child, nn.Linear) else (
+            _conv_rule(child, ctx) or child)
         if new is child:
             _linear_only(child, ctx)
         else:
