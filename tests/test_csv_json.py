@@ -318,7 +318,8 @@ def test_metrics_match_sklearn_on_random_input() -> None:
 
 def test_task_names() -> None:
     glue = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli")
-    assert TASK_NAMES == (*glue, "csv", "json", "squad", "mlm")
+    vision = ("cifar10", "cifar100", "cifar10-animals", "cifar10-vehicles", "imagefolder")
+    assert TASK_NAMES == (*glue, "csv", "json", "squad", "mlm", *vision)
     for name in TASK_NAMES:
         assert get_task(name).name == name
 

@@ -170,6 +170,7 @@ def test_the_example_runs_and_draws_the_head_ticketlab_draws(tiny_bert_dir, glue
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_the_example_matches_ticketlab_finetune_within_seed_noise(glue_dir, tmp_path) -> None:
     """examples/finetune_ticket_with_trainer.py against `ticketlab finetune` on the same
     ticket, data, hparams and seed (MiniLM-L6, 512 SST-2 sentences, dev 400).

@@ -54,6 +54,7 @@ def test_the_python_api_section_runs(tiny_bert_dir, glue_dir, tmp_path) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_a_sweep_reaches_an_existing_ray_cluster(tiny_bert_dir, glue_dir, tmp_path) -> None:
     """`ticketlab sweep --backend ray --ray-address ADDR` against a cluster this test starts in
     another process (and stops by its pid), as the README's recipe does with `ray start`."""

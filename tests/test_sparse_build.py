@@ -165,3 +165,16 @@ def test_cache_folders_are_created_private(cache):
     for level in (cache, cache / "kernels", path.parent):
         assert level.stat().st_mode & 0o077 == 0
     assert path.stat().st_mode & 0o222 == 0  # the library itself is read-only
+
+
+def test_two_caches_in_one_process_each_load_their_own_library(tmp_path, monkeypatch):
+    """dlopen keys loaded objects by name, and /proc/self/fd/N names repeat as descriptors are
+    reused: the second library must still be the one just verified, not the first again."""
+    paths = []
+    for name in ("a", "b"):
+        monkeypatch.setenv("TICKETLAB_CACHE", str(tmp_path / name))
+        lib, path = build.open_library()
+        assert lib.tl_abi_version() == build.ABI_VERSION
+        paths.append(path)
+    assert paths[0] != paths[1]
+    assert all(mapped(p) for p in paths)

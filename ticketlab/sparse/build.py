@@ -355,6 +355,10 @@ def _verified_library() -> Iterator[tuple[int, Path]]:
             os.close(fd)
 
 
+#: Names this process has passed to dlopen (see :func:`open_library`).
+_LOADED_NAMES: set[str] = set()
+
+
 def open_library() -> tuple[ctypes.CDLL, Path]:
     """Build if needed, verify and load the kernel library; its argument types declared.
 
@@ -363,8 +367,15 @@ def open_library() -> tuple[ctypes.CDLL, Path]:
     """
     with _verified_library() as (fd, path):
         # The loader opens the very file that was hashed (through its descriptor), not a path
-        # whose file could have been swapped in between.
+        # whose file could have been swapped in between. The name must be new to this process:
+        # dlopen returns an already-loaded object of the same name without opening anything,
+        # and descriptor numbers are reused, so a second cache's library would silently be
+        # the first one (seen in the full test suite). "/./" segments keep the file, change the
+        # name.
         proc = f"/proc/self/fd/{fd}"
+        while proc in _LOADED_NAMES:
+            proc = proc.replace("/proc/self/", "/proc/self/./", 1)
+        _LOADED_NAMES.add(proc)
         try:
             lib = ctypes.CDLL(proc if os.path.exists(proc) else str(path))
         except OSError as e:
