@@ -32,7 +32,7 @@ import os
 import platform
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -885,8 +885,11 @@ def _table2_section(spec: Spec, root: Path, out: Path, columns: list[Any]) -> Se
         return sec
     sec.table(["", *table2_headers(columns)],
               [[name, *cells] for name, cells in table2_rows(columns)])
-    if any(c.task == MLM_TASK for c in columns):
-        sec.text.append(_mlm_head_note(spec))
+    head = spec.hparams_for(MLM_TASK, spec.seeds[0]).model.init_mlm_head_steps \
+        if any(c.task == MLM_TASK for c in columns) else None
+    if head:
+        sec.text.append(f"The mlm column's MLM head was trained alone for {head} steps before "
+                        "θ0 was taken (`--init-mlm-head`; see the note under Figure 2).")
     vacuous = [task_label(c.task) for c in columns if c.at_chance]
     if vacuous:
         sec.text.append(f"The full model of {', '.join(vacuous)} scores no better than "
@@ -937,7 +940,7 @@ def _row_scores(result: Any, source: str, targets: Sequence[str]) -> tuple[int, 
             sum(deltas) / len(deltas) if deltas else math.nan)
 
 
-def mlm_verdict(result: Any, at_chance: set[str] = frozenset()) -> str:  # type: ignore[assignment]
+def mlm_verdict(result: Any, at_chance: Collection[str] = ()) -> str:
     """Whether the MLM row of the transfer matrix transfers better than every task row and
     the one-shot row, computed from ``result`` (a :class:`~ticketlab.experiments.transfer.
     TransferResult`): rows are ranked by their share of dark cells, then by their mean Δ,
