@@ -68,11 +68,12 @@ def supertickets(
     root: Path,
     task: str = typer.Option(..., help="Task to search on (as `ticketlab find`)."),
 ) -> None:
-    """SuperTickets: search heads/FFN neurons and prune weights in one training run.
+    """SuperTickets: search heads/FFN neurons (or CNN channels) and prune weights in one run.
 
-    Gates on every head and FFN neuron under an L1 penalty; every --interval steps the
-    lowest gates are removed (towards --head-target/--ffn-target) and the weights pruned by
-    global magnitude, --rate more each time, up to --target-sparsity. Resumable."""
+    Gates on every head and FFN neuron (MobileNetV2: every expansion channel, gated by its
+    depthwise BatchNorm scale) under an L1 penalty; every --interval steps the lowest gates
+    are removed (towards --head-target/--ffn-target, or --channel-target) and the weights
+    pruned by global magnitude, --rate more each time, up to --target-sparsity. Resumable."""
     from ticketlab.supertickets.search import find_superticket
 
     hp = build_hparams(task, values)
@@ -92,20 +93,24 @@ def supertickets_export(
     force: bool = typer.Option(False, help="Replace an earlier export in --to.", metavar=""),
     root: Path | None = typer.Option(None, help=ROOT_HELP),
 ) -> None:
-    """Export a SuperTicket as a plain HF folder: FFN physically cut, removed heads zero, the
-    structure in ticket.json (ticketlab.supertickets.load_superticket deletes the zero heads
-    too)."""
+    """Export a SuperTicket as a plain HF folder: FFN physically cut, removed heads (a CNN's
+    removed channels) zero, the structure in ticket.json
+    (ticketlab.supertickets.load_superticket deletes the zeros too)."""
+    from ticketlab.hub import AUTO_CLASSES
+    from ticketlab.supertickets.hparams import KIND_BY_NAME
     from ticketlab.supertickets.physical import export_superticket
 
     info = export_superticket(run, to, resolve_root(root), level=level, force=force)
     result = info["export"]
     verb = "already exported" if result.unchanged else "exported"
-    say("[green]{}[/green] {} interval {} ({} sparse; {}/{} heads, {}/{} FFN neurons kept, "
-        "FFN width {}) to {}", verb, info["run"], info["level"], f"{info['ticket_sparsity']:.1%}",
-        info["heads_kept"], info["heads_total"], info["neurons_kept"], info["neurons_total"],
-        info["ffn_width"], to)
-    say("Load with transformers: AutoModelForSequenceClassification.from_pretrained({!r}); "
-        "at its smallest: ticketlab.supertickets.load_superticket({!r}).", str(to), str(to))
+    kept = ", ".join(f"{info[k + '_kept']}/{info[k + '_total']} {k}"
+                     for k in (KIND_BY_NAME[kind].plural for kind in info["kinds"]))
+    width = f", FFN width {info['ffn_width']}" if "ffn_width" in info else ""
+    say("[green]{}[/green] {} interval {} ({} sparse; {} kept{}) to {}", verb, info["run"],
+        info["level"], f"{info['ticket_sparsity']:.1%}", kept, width, to)
+    auto = AUTO_CLASSES.get(info.get("head", ""), "AutoModel")
+    say("Load with transformers: {}.from_pretrained({!r}); at its smallest: "
+        "ticketlab.supertickets.load_superticket({!r}).", auto, str(to), str(to))
 
 
 def _ints(text: str, what: str) -> tuple[int, ...]:
@@ -126,7 +131,8 @@ def supertickets_bench(
     run: str = typer.Argument(..., help="SuperTickets run id (or unique prefix) or path."),
     imp: str | None = typer.Option(None, help="An IMP run to set beside it, as RUN:LEVEL."),
     batch_sizes: str = typer.Option("1,32", help="Batch sizes."),
-    seq_len: int = typer.Option(128, help="Tokens per sequence."),
+    seq_len: int = typer.Option(128, help="Tokens per sequence (text models; an image model "
+                                "is fed images of its run's size)."),
     threads: str | None = typer.Option(None, help="Thread counts (default: 1 and torch's)."),
     reps: int = typer.Option(5, help="Timed calls per variant (interleaved; best kept)."),
     root: Path | None = typer.Option(None, help=ROOT_HELP),

@@ -173,22 +173,8 @@ def _bench(run: str, level: int, batch_sizes: list[str] | None, seq_len: int,
     thread_counts = _parse_ints(threads, sorted({1, torch.get_num_threads()}), "threads")
     ticket = load_level(run, level, root)
     model = ticket.model
-    gen = torch.Generator().manual_seed(0)
     side = image_side(ticket)
-    if side is not None:  # an image model: random images of the run's size
-        inputs = {b: {"pixel_values": torch.randn(b, 3, side, side, generator=gen)}
-                  for b in sizes}
-        shape, tokens = f"{side}x{side} px images", list(sizes)
-    else:
-        vocab = model.config.vocab_size
-        if seq_len > getattr(model.config, "max_position_embeddings", seq_len):
-            raise TicketlabError(f"--seq-len {seq_len} exceeds the model's "
-                                 f"{model.config.max_position_embeddings} positions.",
-                                 "Pass a shorter --seq-len.")
-        inputs = {b: {"input_ids": torch.randint(1000, vocab, (b, seq_len), generator=gen),
-                      "attention_mask": torch.ones(b, seq_len, dtype=torch.long)}
-                  for b in sizes}
-        shape, tokens = f"seq {seq_len}", [b * seq_len for b in sizes]
+    inputs, shape, tokens = bench_inputs(ticket, sizes, seq_len)
     original_threads = torch.get_num_threads()
     console.print(f"[bold]bench[/bold] {ticket.info['run']} level {level}: "
                   f"{ticket.info['model']}, sparsity {ticket.mask.sparsity:.1%}; "
@@ -237,6 +223,32 @@ def _bench(run: str, level: int, batch_sizes: list[str] | None, seq_len: int,
     console.print(f"plot: {png}")
     report["png"] = str(png)
     return report
+
+
+def bench_inputs(ticket: Any, sizes: list[int], seq_len: int
+                 ) -> tuple[dict[int, dict[str, Any]], str, list[int]]:
+    """Random inputs for timing a ticket, one batch per size (seeded): images of the run's
+    size for an image model, ``seq_len`` random tokens otherwise. Returns the batches, their
+    shape in words, and the rows a sparse kernel sees per batch (tokens; images for a CNN,
+    whose 1x1 layers count their pixels themselves)."""
+    import torch
+
+    model = ticket.model
+    gen = torch.Generator().manual_seed(0)
+    side = image_side(ticket)
+    if side is not None:  # an image model: random images of the run's size
+        inputs = {b: {"pixel_values": torch.randn(b, 3, side, side, generator=gen)}
+                  for b in sizes}
+        return inputs, f"{side}x{side} px images", list(sizes)
+    vocab = model.config.vocab_size
+    if seq_len > getattr(model.config, "max_position_embeddings", seq_len):
+        raise TicketlabError(f"--seq-len {seq_len} exceeds the model's "
+                             f"{model.config.max_position_embeddings} positions.",
+                             "Pass a shorter --seq-len.")
+    inputs = {b: {"input_ids": torch.randint(1000, vocab, (b, seq_len), generator=gen),
+                  "attention_mask": torch.ones(b, seq_len, dtype=torch.long)}
+              for b in sizes}
+    return inputs, f"seq {seq_len}", [b * seq_len for b in sizes]
 
 
 def _rows(layer: Any, tokens: int, batch: int) -> int:

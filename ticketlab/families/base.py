@@ -49,8 +49,14 @@ class UnitGroup:
     conv, its depthwise conv and BatchNorm), so their output rows are the same units; ``gated``
     is the one module that reads them, along its input columns. Removing a unit removes those
     rows and columns, which is what makes a structurally pruned model physically smaller.
-    ``macs`` is what one unit costs per token (per pixel), for a resource-aware penalty.
-    Names are base-model-relative module names.
+    ``macs`` is what one unit costs per token (a CNN: per image at the config's input size),
+    for a resource-aware penalty; only ratios between units matter.
+
+    ``gate`` names a parameter the network already has whose entries are the units' gates
+    (a CNN's depthwise BatchNorm scale γ: HR-NAS gates channels by it), listed among ``rows``
+    modules' parameters; None means the network has no such scale (a BERT block) and the
+    search adds a gate of its own on the input of ``gated``. ``axis`` is the units' axis in
+    that input (-1: features last; 1: NCHW channels). Names are base-model-relative.
     """
 
     name: str
@@ -62,6 +68,7 @@ class UnitGroup:
     rows: tuple[str, ...]
     macs: int
     axis: int = -1
+    gate: str | None = None
 
 
 class Family(ABC):

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from ticketlab.errors import TicketlabError
-from ticketlab.families.base import Family, Loaded
+from ticketlab.families.base import Family, Loaded, UnitGroup
 
 #: Hugging Face image backbones this family loads through AutoModelForImageClassification.
 HF_VISION_TYPES = ("mobilenet_v2", "mobilenet_v1", "resnet", "regnet", "convnext", "convnextv2",
@@ -296,6 +296,50 @@ class VisionFamily(Family):
             out[name] = torch.empty(w.shape, dtype=w.dtype).normal_(0.0, std, generator=g)
         return out
 
+    def structural_units(self, model: nn.Module) -> list[UnitGroup]:
+        """MobileNetV2: one group per inverted residual with an expansion (``layer.K``; the
+        stem's block has none), its units the expanded channels — HR-NAS's
+        ``bn_prune_filter: expansion_only`` on MobileNetV2 (``utils/prune.py`` l. 141-161).
+
+        A channel is produced by the expansion 1x1 conv and its BatchNorm, and the depthwise
+        conv and its BatchNorm (one filter per channel), and read by the projection 1x1 conv
+        along its input channels (``axis`` 1). Its gate is the depthwise BatchNorm's γ
+        (``get_named_depthwise_bn``, ``models/mobilenet_base.py`` l. 490-508): the network's
+        own parameter, so nothing is added. ``macs``: a channel's multiply-accumulates per
+        image at the config's input size (expansion at the block's input resolution,
+        depthwise and projection at its output), HR-NAS's per-channel FLOPs."""
+        base = self.base_module(model)
+        blocks = [(i, b) for i, b in enumerate(getattr(base, "layer", None) or ())
+                  if all(getattr(b, a, None) is not None
+                         for a in ("expand_1x1", "conv_3x3", "reduce_1x1"))]
+        if not blocks:
+            raise TicketlabError(
+                f"{type(model).__name__} has no MobileNetV2 inverted residuals with an "
+                "expansion, so it has no channels to search.",
+                "Structural search on CNNs supports MobileNetV2 (--model mobilenet_v2 or a "
+                "Hugging Face MobileNetV2 folder); use `ticketlab find` for other models.")
+        sides = _input_sides(base, int(getattr(model.config, "image_size", 224) or 224))
+        groups = []
+        for i, block in blocks:
+            expand = block.expand_1x1.convolution
+            depthwise = block.conv_3x3.convolution
+            project = block.reduce_1x1.convolution
+            if depthwise.groups != depthwise.in_channels or depthwise.groups != expand.out_channels:
+                raise TicketlabError(f"Block {i}'s 3x3 convolution is not depthwise over its "
+                                     "expansion.", "Use a standard MobileNetV2.")
+            side_in, side_out = sides[expand], sides[project]
+            kh, kw = depthwise.kernel_size
+            prefix = f"layer.{i}"
+            groups.append(UnitGroup(
+                name=f"{prefix}.channels", kind="channel", layer=i,
+                count=expand.out_channels, size=1, gated=f"{prefix}.reduce_1x1.convolution",
+                rows=(f"{prefix}.expand_1x1.convolution", f"{prefix}.expand_1x1.normalization",
+                      f"{prefix}.conv_3x3.convolution", f"{prefix}.conv_3x3.normalization"),
+                macs=side_in ** 2 * expand.in_channels
+                + side_out ** 2 * (kh * kw + project.out_channels),
+                axis=1, gate=f"{prefix}.conv_3x3.normalization.weight"))
+        return groups
+
     def outlier_advice(self) -> str:
         return ("--exclude its pattern (e.g. --exclude conv_3x3 for MobileNetV2's depthwise "
                 "convolutions), or --method global-normalized")
@@ -327,6 +371,18 @@ class VisionFamily(Family):
                     f"bias, which cuts the network there. To avoid it: "
                     f"{self.outlier_advice()}.")
         return lines
+
+
+def _input_sides(base: nn.Module, side: int) -> dict[nn.Module, int]:
+    """The side of the feature map each convolution reads, for ``side``-pixel images: the
+    convolutions in registration order (the forward order of a MobileNetV2), each dividing
+    the side by its stride (rounded up, as padded convolutions do)."""
+    out = {}
+    for module in base.modules():
+        if isinstance(module, nn.Conv2d):
+            out[module] = side
+            side = -(-side // module.stride[0])
+    return out
 
 
 def conv_role(conv: nn.Conv2d) -> str:

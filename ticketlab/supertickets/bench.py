@@ -3,10 +3,11 @@
 Four variants of one ticket, interleaved call by call (``ticketlab.commands.ship.time_pair``,
 the best of ``reps``): the full-size model in plain PyTorch (what a dense engine does with any
 unstructured ticket: zeros cost as much as weights), the physically smaller model in plain
-PyTorch (heads and neurons deleted: faster on every engine), the smaller model with its
-remaining unstructured sparsity on ticketlab's kernels (``accelerate_ticket``), and — for
-reference — an unstructured ticket on those kernels (an IMP level of the same sparsity when
-one is given, else this ticket at full size).
+PyTorch (heads and neurons, or a CNN's channels, deleted: faster on every engine), the smaller
+model with its remaining unstructured sparsity on ticketlab's kernels
+(``accelerate_ticket``), and — for reference — an unstructured ticket on those kernels (an IMP
+level of the same sparsity when one is given, else this ticket at full size). Inputs are the
+core bench's (``ticketlab.commands.ship.bench_inputs``): tokens, or images of the run's size.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def bench_superticket(run_ref: str | Path, root: Path | None = None, *,
                       threads: tuple[int, ...] | None = None, reps: int = 5,
                       level: int | None = None) -> dict[str, Any]:
     """Latency of the four variants at each (threads, batch). Returns the rows and sizes."""
-    from ticketlab.commands.ship import time_pair
+    from ticketlab.commands.ship import bench_inputs, time_pair
     from ticketlab.export import load_level
     from ticketlab.sparse import accelerate_ticket
 
@@ -42,11 +43,9 @@ def bench_superticket(run_ref: str | Path, root: Path | None = None, *,
         reference = full
         ref_name = "full size + sparse kernels"
     thread_counts = list(threads or sorted({1, torch.get_num_threads()}))
-    tokens = [b * seq_len for b in batch_sizes]
+    inputs, shape, tokens = bench_inputs(ticket, list(batch_sizes), seq_len)
     fast_small = accelerate_ticket(small, tokens=tokens, threads=thread_counts)
     fast_ref = accelerate_ticket(reference, tokens=tokens, threads=thread_counts)
-    gen = torch.Generator().manual_seed(0)
-    vocab = full.config.vocab_size
     rows = []
     original = torch.get_num_threads()
     try:
@@ -54,8 +53,7 @@ def bench_superticket(run_ref: str | Path, root: Path | None = None, *,
             for th in thread_counts:
                 torch.set_num_threads(th)
                 for b in batch_sizes:
-                    batch = {"input_ids": torch.randint(1000, vocab, (b, seq_len), generator=gen),
-                             "attention_mask": torch.ones(b, seq_len, dtype=torch.long)}
+                    batch = inputs[b]
                     want = full(**batch).logits
                     diff = max(float((m(**batch).logits - want).abs().max())
                                for m in (small, fast_small))
@@ -66,7 +64,8 @@ def bench_superticket(run_ref: str | Path, root: Path | None = None, *,
                     clock = "cpu" if th == 1 else "wall"
                     dense = t["dense"][clock]
                     rows.append({
-                        "threads": th, "batch": b, "seq_len": seq_len, "clock": clock,
+                        "threads": th, "batch": b, "seq_len": seq_len, "input": shape,
+                        "clock": clock,
                         **{f"{k}_ms": v[clock] * 1e3 for k, v in t.items()},
                         **{f"{k}_speedup": dense / v[clock] for k, v in t.items()
                            if k != "dense"},

@@ -1,15 +1,24 @@
-"""Structural gates: a learnable scale on every unit (attention head, FFN neuron), their L1
-penalty, and the removal of units whose gate has fallen.
+"""Structural gates: a learnable scale on every unit (attention head, FFN neuron, expansion
+channel), their L1 penalty, and the removal of units whose gate has fallen.
 
 HR-NAS and SuperTickets score their structural choices by the BatchNorm scale of each channel
-(``models/mobilenet_base.py``: the depthwise BN of every expansion branch), pushed towards
-zero by an L1 penalty and removed below a threshold. A BERT block has no BatchNorm, so each
-unit gets a scale of its own: a gate ``g`` multiplies the unit's features where the next
-module reads them — each head's context on the input of the attention output projection, each
-FFN neuron's activation on the input of FFN out. With every gate at 1 the model is exactly
-θ0's; a gate at 0 removes its unit's contribution, which is what makes removal exact: the
-rows that produce the unit (Q, K, V / FFN in) and the columns that read it can then be
-deleted (:mod:`ticketlab.supertickets.physical`) without changing the output.
+(``models/mobilenet_base.py`` l. 490-508: the depthwise BN of every expansion branch), pushed
+towards zero by an L1 penalty and removed below a threshold (``compress_by_threshold``,
+l. 569-577). A CNN's family names that parameter as the group's gate
+(:attr:`~ticketlab.families.base.UnitGroup.gate`) and nothing is added to the network. A BERT
+block has no BatchNorm, so each unit gets a scale of its own: a gate ``g`` multiplies the
+unit's features where the next module reads them — each head's context on the input of the
+attention output projection, each FFN neuron's activation on the input of FFN out. With every
+gate at 1 the model is exactly θ0's; a gate at 0 removes its unit's contribution, which is
+what makes removal exact: the rows that produce the unit (Q, K, V / FFN in) and the columns
+that read it can then be deleted (:mod:`ticketlab.supertickets.physical`) without changing
+the output.
+
+A removed unit's vectors — the biases, BatchNorm γ and β of the modules that produce it — are
+held at exactly zero during training by the same enforcer that holds pruned weights
+(:func:`held_at_zero`). For a channel that is what makes removal exact: with γ = β = 0 its
+BatchNorm emits exactly 0 (β alone would still emit a constant through ReLU6 into the
+projection), so the projection conv reads nothing from it and deleting it changes no output.
 
 Which modules are gated comes from the family (:meth:`Family.structural_units`), so this
 module never names an architecture. The gates live in a submodule of the model
@@ -20,7 +29,7 @@ their own learning rate, through ``lr_scale``), and the model's state dict check
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from typing import Any
 
 import torch
@@ -30,29 +39,52 @@ from ticketlab.errors import TicketlabError
 from ticketlab.families.base import UnitGroup
 from ticketlab.masks import Mask
 from ticketlab.methods import TrainingMethod
+from ticketlab.supertickets.hparams import KIND_BY_NAME, UNIT_KINDS
 
 #: Name of the gates' submodule on the model (keys ``supertickets_gates.units.<i>.gate``).
 GATES = "supertickets_gates"
 
-#: The kinds of unit a text encoder has. A unit is *alive* while its keep bit is set; a
-#: removed unit never comes back (HR-NAS's shrinkage deletes the channels: ``train.py``
-#: ``shrink_model``), with ``--reactivate`` too.
-KINDS = ("head", "neuron")
+#: The kinds of unit (``ticketlab.supertickets.hparams.UNIT_KINDS``). A unit is *alive* while
+#: its keep bit is set; a removed unit never comes back (HR-NAS's shrinkage deletes the
+#: channels: ``train.py`` ``shrink_model``), with ``--reactivate`` too.
+KINDS = tuple(k.name for k in UNIT_KINDS)
 
 
 class UnitGate(nn.Module):
-    """The gates of one :class:`~ticketlab.families.base.UnitGroup`: a learnable scale per
-    unit (initialised to 1, so the gated model starts as θ0) and a keep bit per unit."""
+    """The gates of one :class:`~ticketlab.families.base.UnitGroup` and a keep bit per unit.
 
-    def __init__(self, group: UnitGroup) -> None:
+    The gates are a learnable scale per unit (initialised to 1, so the gated model starts as
+    θ0), or — when the group names one (``group.gate``) — the network's own parameter
+    ``bound`` (a BatchNorm's γ), which is referenced, not registered: it stays the network's,
+    trained and checkpointed with it, and the bank's state holds only the keep bits."""
+
+    def __init__(self, group: UnitGroup, bound: nn.Parameter | None = None) -> None:
         super().__init__()
         self.group = group
-        self.gate = nn.Parameter(torch.ones(group.count))
+        if bound is None:
+            self.gate = nn.Parameter(torch.ones(group.count))
+        else:
+            if bound.shape != (group.count,):
+                raise TicketlabError(f"{group.gate} has shape {tuple(bound.shape)}, not one "
+                                     f"gate per unit of {group.name} ({group.count}).",
+                                     "The family's structural units do not fit this model.")
+            object.__setattr__(self, "_bound", bound)  # bypasses nn.Module's registration
         self.register_buffer("keep", torch.ones(group.count))
 
+    @property
+    def owns_gate(self) -> bool:
+        return self.group.gate is None
+
+    def values(self) -> torch.Tensor:
+        """Every unit's gate: its own scale, or the network's parameter."""
+        return self.gate if self.owns_gate else self._bound
+
     def scale(self) -> torch.Tensor:
-        """The factor every input feature of the gated module is multiplied by."""
-        return (self.gate * self.keep).repeat_interleave(self.group.size)
+        """The factor every input feature of the gated module is multiplied by, beyond what
+        the network computes itself (a network's own gate is already applied by its module:
+        only the keep bits remain)."""
+        own = self.gate * self.keep if self.owns_gate else self.keep
+        return own.repeat_interleave(self.group.size)
 
     def alive(self) -> torch.Tensor:
         return self.keep.bool()
@@ -67,9 +99,11 @@ class UnitGate(nn.Module):
 class GateBank(nn.Module):
     """Every unit gate of a model, in the family's order."""
 
-    def __init__(self, groups: list[UnitGroup]) -> None:
+    def __init__(self, groups: list[UnitGroup], base: nn.Module | None = None) -> None:
         super().__init__()
-        self.units = nn.ModuleList(UnitGate(g) for g in groups)
+        self.units = nn.ModuleList(
+            UnitGate(g, base.get_parameter(g.gate) if g.gate is not None and base is not None
+                     else None) for g in groups)
 
     @property
     def groups(self) -> list[UnitGroup]:
@@ -90,9 +124,10 @@ class GateBank(nn.Module):
                 not isinstance(g, dict) or g.get("name") != u.group.name
                 or not isinstance(g.get("keep"), list) or len(g["keep"]) != u.group.count
                 for g, u in zip(groups, self.units, strict=False)):
-            raise TicketlabError("A stored structural mask does not fit this model's heads "
-                                 "and neurons.", "Use the model the SuperTickets run was made "
-                                 "with (or rerun it: a damaged interval is redone).")
+            raise TicketlabError("A stored structural mask does not fit this model's "
+                                 "structural units (heads, neurons, channels).",
+                                 "Use the model the SuperTickets run was made with (or rerun "
+                                 "it: a damaged interval is redone).")
         with torch.no_grad():
             for g, u in zip(groups, self.units, strict=True):
                 u.keep.copy_(torch.tensor([1.0 if b else 0.0 for b in g["keep"]]))
@@ -108,13 +143,17 @@ def attach_gates(model: nn.Module, groups: list[UnitGroup], base: nn.Module,
     """Add a :class:`GateBank` to ``model`` and the pre-hooks that apply it; returns it.
 
     ``base`` is the module the groups' names are relative to (the base model). ``lr_scale``
-    makes the gates' learning rate ``lr * lr_scale`` in the shared loop. A model carries one
-    bank at a time (:func:`detach_gates` removes it).
+    makes the gates' learning rate ``lr * lr_scale`` in the shared loop; a group whose gate is
+    a parameter of the network keeps it as the network trains it (the code trains BN scales
+    with the network's optimizer). A model carries one bank at a time (:func:`detach_gates`
+    removes it).
     """
     if hasattr(model, GATES):
         raise RuntimeError("the model already carries SuperTickets gates")
-    bank = GateBank(groups)
+    bank = GateBank(groups, base)
     for unit in bank.units:
+        if not unit.owns_gate:
+            continue  # the network's own scale: no hook, and the network's optimizer settings
         unit.gate.lr_scale = lr_scale  # read by ticketlab.train._optimizer
         module = base.get_submodule(unit.group.gated)
         handle = module.register_forward_pre_hook(unit.hook)
@@ -129,7 +168,8 @@ def detach_gates(model: nn.Module) -> None:
     if bank is None:
         return
     for unit in bank.units:
-        unit._handle.remove()
+        if unit.owns_gate:
+            unit._handle.remove()
     delattr(model, GATES)
 
 
@@ -186,7 +226,7 @@ class GatePenalty:
         rho = self.current_rho()
         if rho == 0.0:
             return 0.0
-        total = sum(w * (u.gate * u.keep).abs().sum()
+        total = sum(w * (u.values() * u.keep).abs().sum()
                     for w, u in zip(self.weights, self.bank.units, strict=True))
         return rho * total
 
@@ -227,7 +267,8 @@ def remove_units(bank: GateBank, targets: dict[str, int], threshold: float) -> d
 
     Every group keeps at least its strongest unit: a layer without heads cannot be run by
     transformers' attention (its head count is inferred from the weight's width), and one
-    without FFN neurons would be a different architecture. Returns units removed per kind.
+    without FFN neurons (a block without expansion channels) would be a different
+    architecture. Returns units removed per kind.
     """
     removed: dict[str, int] = {}
     with torch.no_grad():
@@ -239,7 +280,7 @@ def remove_units(bank: GateBank, targets: dict[str, int], threshold: float) -> d
             want_gone = max(targets.get(kind, 0), total - kept_before)
             candidates: list[tuple[float, int, int]] = []  # (|g|, group, unit)
             for gi, u in enumerate(units):
-                mags = (u.gate * u.keep).abs()
+                mags = (u.values() * u.keep).abs()
                 for j in torch.nonzero(u.alive()).flatten().tolist():
                     candidates.append((float(mags[j]), gi, j))
             candidates.sort()
@@ -294,18 +335,41 @@ def structural_only(params: dict[str, torch.Tensor], structural: dict[str, torch
     return with_structure(Mask.ones_like(params), structural)
 
 
-@torch.no_grad()
-def zero_removed(bank: GateBank, base: nn.Module) -> None:
-    """Set the removed units' biases in the producing modules to zero as well (their weights
-    are zeroed by the mask). Not needed for the output — the gate is 0 — but it makes a
-    removed unit all-zero, so a plain export (gates folded in) computes the same."""
+def row_parameters(bank: GateBank, base: nn.Module
+                   ) -> list[tuple[str, nn.Parameter, torch.Tensor]]:
+    """Every parameter of the modules that produce a unit with a removed unit (weights,
+    biases, BatchNorm γ and β), with the bool mask that keeps the live units' entries along
+    its first axis: ``(base-relative name, parameter, mask)``."""
+    out = []
     for u in bank.units:
+        if bool(u.alive().all()):
+            continue
         feats = u.alive().repeat_interleave(u.group.size)
         for module_name in u.group.rows:
-            module = base.get_submodule(module_name)
-            bias = getattr(module, "bias", None)
-            if bias is not None:
-                bias.mul_(feats.to(bias.dtype))
+            for name, p in base.get_submodule(module_name).named_parameters(recurse=False):
+                keep = feats.to(p.device).view(-1, *([1] * (p.dim() - 1))).expand(p.shape)
+                out.append((f"{module_name}.{name}", p, keep.clone()))
+    return out
+
+
+def held_at_zero(bank: GateBank, base: nn.Module, prunable: Container[str]
+                 ) -> dict[str, tuple[nn.Parameter, torch.Tensor]]:
+    """The removed units' parameters outside the prunable set (biases, BatchNorm γ and β, an
+    excluded matrix), with their masks: the training loop holds them at exactly zero like
+    pruned weights (``ticketlab.train.MaskEnforcer``). A BERT unit needs it only for a clean
+    state (its gate is 0); a channel needs it, since its gate *is* γ, which the optimizer
+    would otherwise move (momentum), and β would still emit a constant."""
+    return {name: (p, keep) for name, p, keep in row_parameters(bank, base)
+            if name not in prunable}
+
+
+@torch.no_grad()
+def zero_removed(bank: GateBank, base: nn.Module) -> None:
+    """Set every parameter of the removed units in the producing modules to zero (weights,
+    biases, BatchNorm γ and β): the unit is then all-zero, so it contributes exactly nothing
+    whether the gate is ours (0) or the network's (γ), and a plain export computes the same."""
+    for _, p, keep in row_parameters(bank, base):
+        p.mul_(keep.to(p.dtype))
 
 
 def fold_gates(state: dict[str, torch.Tensor], bank: GateBank, prefix: str
@@ -339,7 +403,7 @@ def gate_summary(bank: GateBank) -> dict[str, Any]:
         units = bank.of_kind(kind)
         if not units:
             continue
-        live = torch.cat([(u.gate.detach() * u.keep)[u.alive()].abs() for u in units])
+        live = torch.cat([(u.values().detach() * u.keep)[u.alive()].abs() for u in units])
         kept, total = bank.kept(kind)
         out[kind] = {"kept": kept, "total": total,
                      "kept_per_layer": [int(u.alive().sum()) for u in units],
@@ -349,9 +413,15 @@ def gate_summary(bank: GateBank) -> dict[str, Any]:
 
 
 def check_kinds(groups: Iterable[UnitGroup], targets: dict[str, float]) -> None:
-    """Refuse a structural target for a kind of unit the model does not have."""
-    have = {g.kind for g in groups}
+    """Refuse a structural target for a kind of unit the model does not have (a channel
+    target on a text encoder, a head target on a CNN)."""
+    have = [k for k in UNIT_KINDS if any(g.kind == k.name for g in groups)]
     for kind, target in targets.items():
-        if target > 0 and kind not in have:
-            raise TicketlabError(f"This model has no {kind} units to remove.",
-                                 f"Leave the {kind} target at 0.")
+        if target > 0 and kind not in {k.name for k in have}:
+            k = KIND_BY_NAME[kind]
+            raise TicketlabError(
+                f"{k.flag} {target}: this model has no {k.plural} to remove ({k.flag} is for "
+                f"{k.what}; this model's units are its "
+                f"{', '.join(h.plural for h in have) or 'none'}).",
+                f"Leave {k.flag} out" + (f"; use {', '.join(h.flag for h in have)}."
+                                          if have else "."))

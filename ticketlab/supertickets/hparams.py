@@ -20,7 +20,7 @@ This module imports neither torch nor transformers.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 
 from ticketlab.errors import TicketlabError
 from ticketlab.hparams import option
@@ -34,6 +34,30 @@ INTERVAL_SHARE = 20 / 350
 
 
 @dataclass(frozen=True)
+class UnitKind:
+    """One kind of structural unit (:class:`ticketlab.families.base.UnitGroup.kind`): the
+    ``SuperHparams`` field holding its target, and the words messages and records use. Which
+    kinds a model has is its family's answer; a target for a kind it lacks is refused."""
+
+    name: str
+    plural: str
+    target: str
+    what: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.target.replace("_", "-")
+
+
+#: Every kind of unit, one declaration each.
+UNIT_KINDS = (UnitKind("head", "heads", "head_target", "attention heads (text encoders)"),
+              UnitKind("neuron", "neurons", "ffn_target", "FFN neurons (text encoders)"),
+              UnitKind("channel", "channels", "channel_target",
+                       "expansion channels (MobileNetV2's inverted residuals)"))
+KIND_BY_NAME = {k.name: k for k in UNIT_KINDS}
+
+
+@dataclass(frozen=True)
 class SuperHparams:
     """How a SuperTickets run searches structure and prunes weights in one training run."""
 
@@ -42,6 +66,12 @@ class SuperHparams:
     head_target: float = option(0.0, "Fraction of all attention heads removed by the end "
                                 "(the lowest gates, one ranking over all layers).", SUPER)
     ffn_target: float = option(0.0, "Fraction of all FFN neurons removed by the end.", SUPER)
+    #: MobileNetV2: the channels of every inverted residual's expansion, gated by the
+    #: depthwise BatchNorm's scale (HR-NAS ``models/mobilenet_base.py`` l. 490-508).
+    channel_target: float = option(0.0, "CNNs (MobileNetV2): fraction of all expansion "
+                                   "channels removed by the end (the lowest |BatchNorm "
+                                   "scale|, one ranking over all blocks).", SUPER,
+                                   added_later=True)
     interval: int | None = option(None, "Optimizer steps between pruning points (default: "
                                   "20/350 of the run's steps, the code's prune_interval 20 "
                                   "of 350 epochs).", SUPER)
@@ -82,8 +112,8 @@ class SuperHparams:
                               "next point).", SUPER)
 
     def __post_init__(self) -> None:
-        for flag, value in (("--head-target", self.head_target),
-                            ("--ffn-target", self.ffn_target)):
+        for kind in UNIT_KINDS:
+            flag, value = kind.flag, getattr(self, kind.target)
             if not (math.isfinite(value) and 0 <= value < 1):
                 raise TicketlabError(
                     f"{flag} {value} is outside [0, 1): it is the fraction of the units "
@@ -109,4 +139,15 @@ class SuperHparams:
     @property
     def targets(self) -> dict[str, float]:
         """Unit kind -> fraction removed by the end."""
-        return {"head": self.head_target, "neuron": self.ffn_target}
+        return {k.name: getattr(self, k.target) for k in UNIT_KINDS}
+
+    def identity(self) -> dict[str, object]:
+        """The hashed part of a run's SuperTickets settings: every field, less those added
+        after runs were first stored while at their default (``Option.added_later``), so an
+        older run directory keeps its name."""
+        out = asdict(self)
+        for f in fields(self):
+            opt = f.metadata.get("option")
+            if opt is not None and opt.added_later and out[f.name] == f.default:
+                del out[f.name]
+        return out

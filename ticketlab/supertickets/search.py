@@ -37,7 +37,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,7 @@ from ticketlab.supertickets.gates import (
     detach_gates,
     fold_gates,
     gate_summary,
+    held_at_zero,
     removal_targets,
     remove_units,
     structural_only,
@@ -75,7 +76,12 @@ from ticketlab.supertickets.gates import (
     with_structure,
     zero_removed,
 )
-from ticketlab.supertickets.hparams import INTERVAL_SHARE, SuperHparams
+from ticketlab.supertickets.hparams import (
+    INTERVAL_SHARE,
+    KIND_BY_NAME,
+    UNIT_KINDS,
+    SuperHparams,
+)
 from ticketlab.train import TrainState, evaluate, get_accelerator, planned_steps, train
 
 KIND = "supertickets"
@@ -140,7 +146,7 @@ def run_identity(hp: RunHparams, sp: SuperHparams) -> dict[str, Any]:
     d["prune"]["target_sparsity"] = hp.prune.target_sparsity
     for key in IMP_ONLY:
         d["prune"].pop(key, None)
-    d[KIND] = asdict(sp)
+    d[KIND] = sp.identity()
     return d
 
 
@@ -189,13 +195,26 @@ def check_targets(groups: list[UnitGroup], params: dict[str, torch.Tensor], hp: 
             removed += math.floor(target * count + 1e-9) * (sum(w for _, w in units) // len(units))
     share = removed / max(total, 1)
     if share > hp.prune.target_sparsity + 1e-9:
+        given = " and ".join(f"{KIND_BY_NAME[k].flag} {t}" for k, t in sp.targets.items() if t)
         raise TicketlabError(
-            f"--head-target {sp.head_target} and --ffn-target {sp.ffn_target} remove "
+            f"{given} remove{'s' if ' and ' not in given else ''} "
             f"{share:.1%} of the prunable weights, more than --target-sparsity "
             f"{hp.prune.target_sparsity} (the overall sparsity counts those weights too).",
             f"Raise --target-sparsity to at least {math.ceil(share * 100) / 100}, or lower "
             "the structural targets.")
     return share
+
+
+def check_gate_lr(groups: list[UnitGroup], sp: SuperHparams) -> None:
+    """``--gate-lr`` sets the learning rate of the gates the search adds; a model whose gates
+    are its own parameters (a CNN's BatchNorm scales) trains them with the network, as the
+    code does, so a changed ``--gate-lr`` would be ignored: refused instead."""
+    default = next(f.default for f in fields(SuperHparams) if f.name == "gate_lr")
+    if sp.gate_lr != default and any(g.gate is not None for g in groups):
+        raise TicketlabError(
+            f"--gate-lr {sp.gate_lr}: this model's gates are its own BatchNorm scales, which "
+            "train with the network's weights (--lr, --optimizer), as in the code.",
+            "Leave --gate-lr out (or set --lr).")
 
 
 def find_superticket(hp: RunHparams, sp: SuperHparams, root: Path,
@@ -212,6 +231,7 @@ def find_superticket(hp: RunHparams, sp: SuperHparams, root: Path,
                              "and structural removals are decided on one copy of the model).",
                              "Run it without accelerate launch.")
     groups = setup.family.structural_units(setup.model)
+    check_gate_lr(groups, sp)
     share = check_targets(groups, setup.prunable, hp, sp)
     plan = schedule(hp, sp, len(next(iter(setup.train_features.values()))))
     run = superticket_run(hp, sp, root)
@@ -287,13 +307,13 @@ class Search:
 
     def show(self, rec: dict[str, Any], stored: bool = False) -> None:
         s = rec["structure"]
-        heads, ffn = s.get("head", {}), s.get("neuron", {})
+        units = "  ".join(f"{k.plural} {s[k.name]['kept']}/{s[k.name]['total']}"
+                          for k in UNIT_KINDS if k.name in s)
         tag = " [dim](stored)[/dim]" if stored else ""
         self.console.print(
             f"interval {rec['level']:>2}/{self.plan.count}  steps {rec['steps'][0]}-"
             f"{rec['steps'][1]}  sparsity {rec['sparsity'] * 100:5.1f}% (structure "
-            f"{rec['structural_sparsity'] * 100:.1f}%)  heads {heads.get('kept', '-')}/"
-            f"{heads.get('total', '-')}  neurons {ffn.get('kept', '-')}/{ffn.get('total', '-')}"
+            f"{rec['structural_sparsity'] * 100:.1f}%)  {units}"
             f"  {escape(rec['main_metric'])} {rec['score'] * 100:6.2f}{tag}")
 
     # --- one interval -----------------------------------------------------------------------
@@ -325,7 +345,12 @@ class Search:
             stats_collector = self.criterion.collector(self.params)
             hooks += (stats_collector,)
         method = PenalizedTraining(make_method(hp.train.adversarial, hp.train, setup), penalty)
-        result = train(self.model, self.params, mask, setup.train_features, setup.collator,
+        # the removed units' biases and BatchNorm γ/β are held at zero like pruned weights
+        held = held_at_zero(self.bank, self.base, self.params)
+        params = {**self.params, **{n: p for n, (p, _) in held.items()}}
+        enforced = Mask({**mask.tensors, **{n: m.cpu() for n, (_, m) in held.items()}},
+                        mask.meta)
+        result = train(self.model, params, enforced, setup.train_features, setup.collator,
                        hp.train, self.runtime, seed=hp.train.seed,
                        description=f"interval {k}/{self.plan.count} train",
                        forward=setup.task.forward, method=method, hooks=hooks,
