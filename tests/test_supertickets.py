@@ -266,6 +266,11 @@ def test_parameters_with_an_lr_scale_get_their_own_learning_rate() -> None:
     assert opt.param_groups[2]["weight_decay"] == 0.0
     plain = _optimizer(tiny(), TrainHparams(lr=1e-4))
     assert len(plain.param_groups) == 2  # nothing scaled: the groups as they always were
+    sgd = _optimizer(model, TrainHparams(lr=1e-4, optimizer="sgd", weight_decay=0.1))
+    assert [g["lr"] for g in sgd.param_groups] == [1e-4, pytest.approx(5e-3)]  # SGD too
+    assert {id(p) for p in sgd.param_groups[1]["params"]} == gates
+    assert [g["weight_decay"] for g in sgd.param_groups] == [0.1, 0.0]
+    assert len(_optimizer(tiny(), TrainHparams(optimizer="sgd")).param_groups) == 1
 
 
 def test_gates_stay_off_the_plain_state_dict() -> None:

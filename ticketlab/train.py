@@ -169,14 +169,20 @@ def _progress(runtime: Runtime) -> Any:
 
 def _optimizer(model: nn.Module, hp: TrainHparams) -> torch.optim.Optimizer:
     """AdamW with weight decay on matrices only, or SGD (``--optimizer sgd``). A parameter
-    carrying an ``lr_scale`` attribute gets its own AdamW group at ``lr * lr_scale`` (a search
-    method's own parameters, e.g. SuperTickets' gates, must move further in a few hundred steps
-    than fine-tuned weights); without any, the groups are exactly the two they always were."""
+    carrying an ``lr_scale`` attribute gets its own group at ``lr * lr_scale``, without weight
+    decay (a search method's own parameters, e.g. SuperTickets' gates, must move further in a
+    few hundred steps than fine-tuned weights); without any, the groups are exactly what they
+    always were."""
     if hp.optimizer == "sgd":
         # The vision paper's code (CV_LTH_Pre-training main_imp_downstream.py:112-114): SGD
         # with momentum, weight decay on every parameter, BatchNorm and biases included.
-        return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=hp.lr,
-                               momentum=hp.momentum, weight_decay=hp.weight_decay)
+        plain = [p for p in model.parameters()
+                 if p.requires_grad and getattr(p, "lr_scale", None) is None]
+        sgd_groups: list[dict[str, Any]] = [{"params": plain}]
+        for scale, ps in _scaled_groups(model).items():
+            sgd_groups.append({"params": ps, "weight_decay": 0.0, "lr": hp.lr * scale})
+        return torch.optim.SGD(sgd_groups, lr=hp.lr, momentum=hp.momentum,
+                               weight_decay=hp.weight_decay)
     decay, no_decay = [], []
     scaled: dict[float, list[torch.Tensor]] = {}
     for name, p in model.named_parameters():
@@ -198,6 +204,16 @@ def _optimizer(model: nn.Module, hp: TrainHparams) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, lr=hp.lr, fused=True)
     except (RuntimeError, TypeError, ValueError):  # a device or dtype without the fused kernel
         return torch.optim.AdamW(groups, lr=hp.lr)
+
+
+def _scaled_groups(model: nn.Module) -> dict[float, list[torch.Tensor]]:
+    """lr scale -> the trainable parameters carrying that ``lr_scale`` attribute."""
+    scaled: dict[float, list[torch.Tensor]] = {}
+    for p in model.parameters():
+        scale = getattr(p, "lr_scale", None)
+        if p.requires_grad and scale is not None:
+            scaled.setdefault(float(scale), []).append(p)
+    return scaled
 
 
 def _scheduler(optimizer: torch.optim.Optimizer, hp: TrainHparams, total: int) -> Any:
