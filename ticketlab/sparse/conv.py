@@ -36,42 +36,48 @@ def is_pointwise(module: nn.Module) -> bool:
             and module.padding_mode == "zeros")
 
 
-class SparseConv1x1(nn.Module):
+class SparseConv1x1(nn.Conv2d):
     """A pointwise ``nn.Conv2d`` whose product runs on ticketlab's kernel where measured faster.
 
-    ``conv`` keeps the original module (and its weight, shared, not copied); ``linear`` is a
+    Built by swapping the class of the (copied) convolution, as the fused encoder layers are:
+    the same module, weight (shared, not copied) and name, so a layer that stays dense costs
+    one dictionary lookup more than the original, not a module call. ``linear`` is a
     :class:`SparseLinear` over a (C_out, C_in) view of the same weight.
     """
 
-    def __init__(self, conv: nn.Conv2d, table: CalibrationTable,
-                 margin: float = DEFAULT_MARGIN) -> None:
-        super().__init__()
-        self.conv = conv
+    linear: SparseLinear
+    confirmed: dict[tuple[int, int], bool]
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, table: CalibrationTable,
+                  margin: float = DEFAULT_MARGIN) -> SparseConv1x1:
         out_ch, in_ch = conv.weight.shape[:2]
         view = nn.Linear(in_ch, out_ch, bias=conv.bias is not None)
         view.weight = nn.Parameter(conv.weight.detach().view(out_ch, in_ch), requires_grad=False)
         view.bias = conv.bias
-        self.linear = SparseLinear(view, table, margin)
-        self.linear.pixels_per_example = None  # H·W, seen at the first call (for bench)
-        #: (rows, threads) -> whether the whole sparse path measured faster than the conv
-        self.confirmed: dict[tuple[int, int], bool] = {}
+        conv.__class__ = cls
+        conv.linear = SparseLinear(view, table, margin)
+        conv.linear.pixels_per_example = None  # H·W, seen at the first call (for bench)
+        #: (rows, threads) -> whether this layer runs sparse there: the kernel choice is sparse
+        #: and the whole sparse path measured faster than the convolution
+        conv.confirmed = {}
+        return conv  # type: ignore[return-value]
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.conv.weight
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or not self.linear._fast_path(x):
-            return self.conv(x)
+            return self._dense(x)
         n, c, h, w = x.shape
-        self.linear.pixels_per_example = h * w
-        threads = torch.get_num_threads()
-        if self.linear.decide(n * h * w, threads) == DENSE:
-            return self.conv(x)
-        key = (n * h * w, threads)
-        if key not in self.confirmed:
-            self.confirmed[key] = self._whole_path_wins(x, threads)
-        return self._sparse(x) if self.confirmed[key] else self.conv(x)
+        key = (n * h * w, torch.get_num_threads())
+        use = self.confirmed.get(key)  # the per-call path: one lookup
+        if use is None:
+            self.linear.pixels_per_example = h * w
+            use = self.linear.decide(key[0], key[1]) != DENSE and self._whole_path_wins(
+                x, key[1])
+            self.confirmed[key] = use
+        return self._sparse(x) if use else self._dense(x)
 
     def _sparse(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
@@ -83,8 +89,8 @@ class SparseConv1x1(nn.Module):
         """Time the convolution against the whole sparse path on this input (CPU time on one
         thread, wall time on several); a loss makes the layer dense for this size."""
         clock = time.process_time if threads == 1 else time.perf_counter
-        timings = time_candidates({DENSE: lambda: self.conv(x), "sparse": lambda: self._sparse(x)},
-                                  rounds=5, budget_s=0.5, clock=clock)
+        paths = {DENSE: lambda: self._dense(x), "sparse": lambda: self._sparse(x)}
+        timings = time_candidates(paths, rounds=5, budget_s=0.5, clock=clock)
         wins = timings.get("sparse", float("inf")) < timings[DENSE] * (1 - self.linear.margin)
         if not wins:  # so decide() (and bench's count of sparse layers) says dense too
             bucket = token_bucket(x.shape[0] * x.shape[2] * x.shape[3])
@@ -95,7 +101,7 @@ class SparseConv1x1(nn.Module):
 
 def _conv_rule(module: nn.Module, ctx: RewriteContext) -> nn.Module | None:
     if id(module) in ctx.targets and is_pointwise(module):
-        return SparseConv1x1(module, ctx.table, ctx.margin)  # type: ignore[arg-type]
+        return SparseConv1x1.from_conv(module, ctx.table, ctx.margin)  # type: ignore[arg-type]
     return None
 
 
