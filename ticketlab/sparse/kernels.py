@@ -159,6 +159,15 @@ class Epilogue:
 NO_EPILOGUE = Epilogue()
 
 
+def _operands(x: torch.Tensor, packed: Any, out: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A product's contiguous input, checked against the packed weight, and its output buffer."""
+    k = x.shape[1]
+    if k != packed.in_features:
+        raise ValueError(f"input has {k} features, the weight expects {packed.in_features}")
+    return x.contiguous(), output(out, x.shape[0], packed.out_features)
+
+
 def spmm(
     x: torch.Tensor,
     packed: PackedWeight,
@@ -172,12 +181,8 @@ def spmm(
     the fused ``epilogue`` applied to it; written into ``out`` if given (see :func:`output`)."""
     if tb not in TOKEN_BLOCKS:
         raise ValueError(f"token block {tb} is not one of {TOKEN_BLOCKS}")
-    t, k = x.shape
-    if k != packed.in_features:
-        raise ValueError(f"input has {k} features, the weight expects {packed.in_features}")
-    n = packed.out_features
-    x = x.contiguous()
-    y = output(out, t, n)
+    x, y = _operands(x, packed, out)
+    (t, k), n = x.shape, packed.out_features
     if t == 0:
         return y
     threads = threads or torch.get_num_threads()
@@ -226,12 +231,8 @@ def gemm(x: torch.Tensor, packed: PackedDense, bias: torch.Tensor | None,
          out: torch.Tensor | None = None) -> torch.Tensor:
     """``epilogue(x @ W.T + bias)`` with ticketlab's dense kernel, for 2-D float32 CPU ``x``
     (into ``out`` if given)."""
-    t, k = x.shape
-    if k != packed.in_features:
-        raise ValueError(f"input has {k} features, the weight expects {packed.in_features}")
-    n = packed.out_features
-    x = x.contiguous()
-    y = output(out, t, n)
+    x, y = _operands(x, packed, out)
+    (t, k), n = x.shape, packed.out_features
     if t == 0:
         return y
     threads = threads or torch.get_num_threads()
