@@ -113,18 +113,6 @@ def supertickets_export(
         "ticketlab.supertickets.load_superticket({!r}).", auto, str(to), str(to))
 
 
-def _ints(text: str, what: str) -> tuple[int, ...]:
-    try:
-        out = tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
-    except ValueError as e:
-        raise TicketlabError(f"{what} {text!r} is not a list of integers.",
-                             f"Write e.g. {what} 1,32.") from e
-    if not out or min(out) < 1:
-        raise TicketlabError(f"{what} {text!r} must list positive integers.",
-                             f"Write e.g. {what} 1,32.")
-    return out
-
-
 @app.command("supertickets-bench", rich_help_panel=PANEL)
 @friendly
 def supertickets_bench(
@@ -141,6 +129,7 @@ def supertickets_bench(
     smaller on ticketlab's sparse kernels (and an IMP ticket on them), side by side."""
     from rich.table import Table
 
+    from ticketlab.commands.ship import parse_int_list
     from ticketlab.supertickets.bench import bench_superticket
 
     if seq_len < 1 or reps < 1:
@@ -153,8 +142,10 @@ def supertickets_bench(
                                  "sst2-1a2b3c:2.")
         ref = (name, int(lvl))
     out = bench_superticket(run, resolve_root(root), imp=ref,
-                            batch_sizes=_ints(batch_sizes, "--batch-sizes"), seq_len=seq_len,
-                            threads=_ints(threads, "--threads") if threads else None, reps=reps)
+                            batch_sizes=tuple(parse_int_list([batch_sizes], [], "batch-sizes")),
+                            seq_len=seq_len, reps=reps,
+                            threads=tuple(parse_int_list([threads], [], "threads")) if threads
+                            else None)
     table = Table(title=f"{out['run']} interval {out['level']} ({out['sparsity']:.1%} sparse)")
     for col in ("threads", "batch", "clock", "dense ms", "structured", "structured+sparse",
                 out["reference"], "max |Δ logit|"):

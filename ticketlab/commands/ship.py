@@ -89,7 +89,9 @@ def export(
         console.print(f"[green]pushed[/green] {to} to {url}", highlight=False)
 
 
-def _parse_ints(values: list[str] | None, default: list[int], what: str) -> list[int]:
+def parse_int_list(values: list[str] | None, default: list[int], what: str) -> list[int]:
+    """``--batch-sizes 1,32`` (repeatable, comma-separated) as sorted distinct positive ints;
+    ``default`` when the option was not given."""
     if not values:
         return default
     try:
@@ -169,8 +171,8 @@ def _bench(run: str, level: int, batch_sizes: list[str] | None, seq_len: int,
 
     if seq_len < 1 or reps < 1:
         raise TicketlabError("--seq-len and --reps must be at least 1.", "Pass positive values.")
-    sizes = _parse_ints(batch_sizes, [1, 32], "batch-sizes")
-    thread_counts = _parse_ints(threads, sorted({1, torch.get_num_threads()}), "threads")
+    sizes = parse_int_list(batch_sizes, [1, 32], "batch-sizes")
+    thread_counts = parse_int_list(threads, sorted({1, torch.get_num_threads()}), "threads")
     ticket = load_level(run, level, root)
     model = ticket.model
     side = image_side(ticket)
