@@ -304,3 +304,42 @@ def test_structural_mask_is_part_of_the_weight_mask() -> None:
     assert both.num_kept <= half.num_kept and all(
         not bool((both.tensors[n] & ~half.tensors[n]).any()) for n in params)
 
+
+
+def test_removals_after_the_weights_reached_their_ratio_are_given_back_strongest_first() -> None:
+    """A point whose removals would push the mask past its sparsity gives back units, the
+    strongest gates first, exactly as few as needed: SuperTickets stay at IMP's sparsity."""
+    from ticketlab.supertickets.gates import cap_removals, with_structure
+
+    model = tiny()
+    base = model.base_model
+    bank = attach_gates(model, FAMILY.structural_units(model), base)
+    params = {n: p for n, p in base.named_parameters() if n.endswith("weight") and p.dim() == 2
+              and "encoder" in n}
+    with torch.no_grad():
+        for u in bank.units:
+            u.gate.copy_(torch.linspace(0.1, 1.0, u.group.count))
+    g = torch.Generator().manual_seed(0)
+    mask = Mask({n: torch.rand(p.shape, generator=g) > 0.4 for n, p in params.items()}, {})
+    before = [u.keep.clone() for u in bank.units]
+    remove_units(bank, {"head": 4, "neuron": 12}, threshold=0.0)
+    over = with_structure(mask, structural_weight_mask(bank, params)).sparsity
+    budget = 0.5
+    assert over > budget  # the removals alone would overshoot
+    removed = [[bool(k == 0) for k in u.keep] for u in bank.units]
+    back = cap_removals(bank, before, mask, params, budget)
+    after = with_structure(mask, structural_weight_mask(bank, params)).sparsity
+    assert after <= budget + 1e-9 and sum(back.values()) >= 1
+    given = [(float(u.gate[j]), ui, j) for ui, u in enumerate(bank.units)
+             for j in range(u.group.count) if removed[ui][j] and u.keep[j]]
+    still_gone = [float(u.gate[j]) for ui, u in enumerate(bank.units)
+                  for j in range(u.group.count) if removed[ui][j] and not u.keep[j]]
+    assert len(given) == sum(back.values())
+    assert min(g for g, _, _ in given) >= max(still_gone)  # the strongest came back
+    # exactly as few as needed: removing the weakest unit given back again overshoots
+    _, ui, j = min(given)
+    with torch.no_grad():
+        bank.units[ui].keep[j] = 0.0
+    assert with_structure(mask, structural_weight_mask(bank, params)).sparsity > budget
+    # under the budget already: nothing is given back
+    assert cap_removals(bank, [u.keep.clone() for u in bank.units], mask, params, 1.0) == {}

@@ -299,6 +299,50 @@ def remove_units(bank: GateBank, targets: dict[str, int], threshold: float) -> d
     return removed
 
 
+def cap_removals(bank: GateBank, before: list[torch.Tensor], mask: Mask,
+                 params: dict[str, torch.Tensor], budget: float) -> dict[str, int]:
+    """Give back this point's removals, strongest |gate| first, until ``mask`` with the
+    structure cleared is no sparser than ``budget`` (the point's sparsity); returns the units
+    given back per kind.
+
+    Why: a removed unit clears its rows and columns, and weights pruned before cannot grow back
+    (they are held at zero), so removals that come after the weights reached their ratio — the
+    geometric schedule of the image tasks reaches it between points — would push the overall
+    sparsity past the target, and SuperTickets would no longer be compared with IMP at equal
+    sparsity. ``before`` holds every unit's keep bits before this point's removals. The count
+    given back is found by bisection (sparsity only falls as units come back)."""
+    fresh = [(float(u.values()[j].detach().abs()), ui, j)
+             for ui, (u, was) in enumerate(zip(bank.units, before, strict=True))
+             for j in torch.nonzero((was > 0) & ~u.alive()).flatten().tolist()]
+    fresh.sort(reverse=True)  # strongest first: the last this point removed
+
+    def sparsity_with(back: int) -> float:
+        with torch.no_grad():
+            for _, ui, j in fresh[:back]:
+                bank.units[ui].keep[j] = 1.0
+            s = with_structure(mask, structural_weight_mask(bank, params)).sparsity
+            for _, ui, j in fresh[:back]:
+                bank.units[ui].keep[j] = 0.0
+        return s
+
+    if not fresh or sparsity_with(0) <= budget + 1e-9:
+        return {}
+    lo, hi = 1, len(fresh)  # the fewest given back that meets the budget
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if sparsity_with(mid) <= budget + 1e-9:
+            hi = mid
+        else:
+            lo = mid + 1
+    back: dict[str, int] = {}
+    with torch.no_grad():
+        for _, ui, j in fresh[:lo]:
+            bank.units[ui].keep[j] = 1.0
+            kind = bank.units[ui].group.kind
+            back[kind] = back.get(kind, 0) + 1
+    return back
+
+
 def structural_weight_mask(bank: GateBank, params: dict[str, torch.Tensor]
                            ) -> dict[str, torch.Tensor]:
     """For every prunable matrix a removed unit touches, a bool mask with the unit's rows (in

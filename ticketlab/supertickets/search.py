@@ -64,6 +64,7 @@ from ticketlab.supertickets.gates import (
     GatePenalty,
     PenalizedTraining,
     attach_gates,
+    cap_removals,
     check_kinds,
     detach_gates,
     fold_gates,
@@ -360,7 +361,11 @@ class Search:
         rho = penalty.current_rho()
         # the pruning point: units first, then weights, both from the trained values
         wanted = removal_targets(self.bank, sp.targets, self.plan.progress(k))
+        before = [u.keep.clone() for u in self.bank.units]
         removed = remove_units(self.bank, wanted, sp.threshold)
+        for kind, n in cap_removals(self.bank, before, mask, self.params,
+                                    self.plan.ratios[k - 1]).items():
+            removed[kind] -= n  # never past this point's sparsity (see cap_removals)
         structural = structural_weight_mask(self.bank, self.params)
         mask = with_structure(mask, structural)
         structural_sparsity = structural_only(self.params, structural).sparsity
