@@ -330,9 +330,9 @@ def test_removals_after_the_weights_reached_their_ratio_are_given_back_strongest
     back = cap_removals(bank, before, mask, params, budget)
     after = with_structure(mask, structural_weight_mask(bank, params)).sparsity
     assert after <= budget + 1e-9 and sum(back.values()) >= 1
-    given = [(float(u.gate[j]), ui, j) for ui, u in enumerate(bank.units)
+    given = [(float(u.gate[j].detach()), ui, j) for ui, u in enumerate(bank.units)
              for j in range(u.group.count) if removed[ui][j] and u.keep[j]]
-    still_gone = [float(u.gate[j]) for ui, u in enumerate(bank.units)
+    still_gone = [float(u.gate[j].detach()) for ui, u in enumerate(bank.units)
                   for j in range(u.group.count) if removed[ui][j] and not u.keep[j]]
     assert len(given) == sum(back.values())
     assert min(g for g, _, _ in given) >= max(still_gone)  # the strongest came back
