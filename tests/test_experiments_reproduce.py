@@ -48,8 +48,8 @@ def test_qnli_dev_is_split_into_train_and_eval(glue_dir, tmp_path) -> None:
 
 def test_the_small_preset_is_a_valid_spec_with_a_budget(glue_dir, tmp_path) -> None:
     spec = preset("small", glue_dir, tmp_path / "report")
-    # the tasks that train at this budget (CoLA and WNLI stay at chance, QNLI has no train file)
-    glue = ["sst2", "mrpc", "stsb"]
+    # the tasks whose full model learns at this budget (the description says why not the others)
+    glue = ["sst2", "stsb"]
     assert spec.tasks == [*glue, "mlm"]  # MLM is a Table 2 column (issue 17)
     assert spec.hparams["prune_pooler"] is False and spec.seeds == [0, 1, 2]
     assert "pooler" in spec.description and "at chance" in spec.description  # says why
@@ -62,7 +62,7 @@ def test_the_small_preset_is_a_valid_spec_with_a_budget(glue_dir, tmp_path) -> N
         spec.description
     # MLM: WikiText-2 beside the GLUE folder, a head trained first, a row of the transfer
     mlm = spec.hparams_for("mlm", 0)
-    assert mlm.model.init_mlm_head_steps == 300 and mlm.train.max_steps == 100
+    assert mlm.model.init_mlm_head_steps == 150 and mlm.train.max_steps == 50
     assert mlm.data.data_dir == str(glue_dir.parent / "wikitext" / "wikitext-2")
     assert spec.transfer is not None and spec.transfer["sources"] == [*glue, "mlm"]
     assert spec.transfer["targets"] == glue  # onto every GLUE target
@@ -72,20 +72,20 @@ def test_the_small_preset_is_a_valid_spec_with_a_budget(glue_dir, tmp_path) -> N
     assert set(spec.extra) == {"vision", "robust", "supertickets"}
     assert spec.extra["vision"]["hparams"]["model"] == "mobilenet_v2"
     sizes = {t: train_size(spec.hparams_for(t, 0)) for t in spec.tasks}
-    assert sizes["sst2"] == 2000 and sizes["mrpc"] == 2000 and sizes["stsb"] == 2000
+    assert sizes["sst2"] == 2000 and sizes["stsb"] == 2000
     work = budget(spec, sizes)
-    assert work.trainings["imp"] == 3 * 3 * 3  # tasks × seeds × levels 0-50 % by 25 %
+    assert work.trainings["imp"] == 2 * 3 * 3  # tasks × seeds × levels 0-50 % by 25 %
     epochs = {t: spec.hparams_for(t, 0).train.epochs for t in glue}
     assert work.steps["imp"] == 3 * 3 * sum(int(epochs[t]) * -(-sizes[t] // 32) for t in glue)
     assert spec.baseline_seeds == [0]
     # 4 kinds × 1 seed; standard trains the full model and then the pruned one
-    assert work.trainings["baselines"] == 3 * (3 + 2)
+    assert work.trainings["baselines"] == 2 * (3 + 2)
     assert work.trainings["rewinding"] == 2 * 3  # 5 % and 20 %; 0 % is the IMP run
-    # mlm: 3 seeds × 3 levels, 5 baseline trainings, its row onto 3 targets
-    assert work.trainings["mlm"] == 9 + 5 + 3
+    # mlm: 3 seeds × 3 levels, 5 baseline trainings, its row onto 2 targets
+    assert work.trainings["mlm"] == 9 + 5 + 2
     assert set(work.trainings) == {"imp", "rewinding", "baselines", "transfer", "mlm"}
     glue_only = budget(spec, sizes, parts=["glue"])
-    assert "mlm" not in glue_only.trainings and glue_only.trainings["imp"] == 27
+    assert "mlm" not in glue_only.trainings and glue_only.trainings["imp"] == 18
     paper = preset("paper", None, tmp_path / "paper")
     assert paper.hparams["lr"] == 2e-5 and paper.seeds == [0, 1, 2, 3, 4]
     with pytest.raises(TicketlabError, match="needs --data-dir"):
@@ -307,9 +307,9 @@ def test_reproduce_command_estimates_the_budget(glue_dir, tmp_path) -> None:
     assert "nothing was written" in " ".join(result.output.split())
     assert not (tmp_path / "r").exists()
     # the README's budget of the text parts (the preset's rationale gives the whole one)
-    assert "imp             27 trainings     4536 steps" in result.output
-    assert "mlm             17 trainings     4304 steps" in result.output
-    assert "total           74 trainings    13628 steps" in result.output
+    assert "imp             18 trainings     3402 steps" in result.output
+    assert "mlm             16 trainings     2278 steps" in result.output
+    assert "total           54 trainings     9082 steps" in result.output
     missing = CliRunner().invoke(app, ["reproduce", "--scale", "small", "--out",
                                        str(tmp_path / "r")])
     assert missing.exit_code == 2 and "needs --data-dir" in missing.output
