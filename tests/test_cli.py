@@ -165,6 +165,26 @@ def test_error_text_with_brackets_is_printed_literally(tmp_path) -> None:
     assert "use [grid] tables" in captured.get()
 
 
+def test_a_long_error_is_not_broken_into_lines() -> None:
+    """A long path before a phrase used to push a newline into the phrase (rich wrapped at 80
+    columns): the terminal wraps, so logs and pipes keep paths and phrases whole."""
+    from ticketlab.cli.app import console, print_error
+    from ticketlab.errors import TicketlabError
+
+    path = "/tmp/" + "a-long-folder-name/" * 6 + "mask.safetensors"
+    width = console.width
+    console.width = 80  # what rich takes where there is no terminal (CI, a pipe)
+    try:
+        with console.capture() as captured:
+            print_error(TicketlabError(f"The mask {path} was found on a text encoder.",
+                                       f"Use a mask found under {path}."))
+    finally:
+        console.width = width
+    lines = captured.get().splitlines()
+    assert lines == [f"Error: The mask {path} was found on a text encoder.",
+                     f"Fix: Use a mask found under {path}."]
+
+
 def test_version_and_flags_without_value_hints() -> None:
     import ticketlab
 

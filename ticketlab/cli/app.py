@@ -40,9 +40,11 @@ def say(template: str, *values: Any, **kw: Any) -> None:
 
 def print_error(e: TicketlabError) -> None:
     """``Error: …`` and ``Fix: …``, the user's text shown literally."""
-    console.print(Text.assemble(("Error:", "bold red"), " ", e.problem))
+    # soft_wrap: the terminal wraps, not rich, so a long path or phrase stays one piece in a log
+    # or a pipe (rich's 80-column default broke "found on a text\nencoder" after a long path)
+    console.print(Text.assemble(("Error:", "bold red"), " ", e.problem), soft_wrap=True)
     if e.fix:
-        console.print(Text.assemble(("Fix:", "bold"), " ", e.fix))
+        console.print(Text.assemble(("Fix:", "bold"), " ", e.fix), soft_wrap=True)
 
 
 def friendly(func: Callable[..., Any]) -> Callable[..., Any]:
