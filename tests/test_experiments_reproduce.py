@@ -14,6 +14,7 @@ from ticketlab.cli import app
 from ticketlab.errors import TicketlabError
 from ticketlab.experiments.common import Stats
 from ticketlab.experiments.reproduce import (
+    add_timing,
     budget,
     mlm_verdict,
     parse_parts,
@@ -313,3 +314,16 @@ def test_reproduce_command_estimates_the_budget(glue_dir, tmp_path) -> None:
     missing = CliRunner().invoke(app, ["reproduce", "--scale", "small", "--out",
                                        str(tmp_path / "r")])
     assert missing.exit_code == 2 and "needs --data-dir" in missing.output
+
+
+def test_timings_from_two_processes_add_up_instead_of_overwriting(tmp_path) -> None:
+    """Two ``reproduce`` processes sharing a store each add their parts' wall clock; one that
+    read timings.json before the other wrote must not overwrite the other's entry."""
+    path = tmp_path / "report" / "timings.json"
+    stale = add_timing(path, "imp", 10.0, 2)  # process A reads and writes
+    add_timing(path, "vision", 5.0)  # process B, started at the same time
+    after = add_timing(path, "imp", 1.5, 1)  # A again: its in-memory copy lacks B's entry
+    assert "vision" not in stale
+    assert after == {"imp": {"wall_seconds": 11.5, "cells_run": 3},
+                     "vision": {"wall_seconds": 5.0, "cells_run": 0}}
+    assert json.loads(path.read_text()) == after

@@ -220,8 +220,8 @@ WIKITEXT_DIR, CIFAR_DIR = Path("wikitext") / "wikitext-2", Path("cifar10")
 #: MLM in the small preset: one level is 50 steps of 16 blocks of 128 tokens (the paper's MLM
 #: batch), after the head alone was trained for 150 steps (2,400 blocks, half the measured
 #: `--init-mlm-head 600` × batch 8 of RESULTS.md). See :data:`SMALL_RATIONALE`.
-SMALL_MLM = {"max_train_samples": 8000, "batch_size": 16, "max_steps": 50, "block_size": 128,
-             "init_mlm_head": 150}
+SMALL_MLM = {"max_train_samples": 8000, "max_eval_samples": 800, "batch_size": 16,
+             "max_steps": 50, "block_size": 128, "init_mlm_head": 150}
 #: The vision preset measured for the README's vision result (issue 12).
 SMALL_VISION = {"model": "mobilenet_v2", "max_train_samples": 5000, "epochs": 3.0,
                 "batch_size": 64, "optimizer": "adamw", "lr": 1e-3,
@@ -268,7 +268,7 @@ def small_spec(data_dir: Path, derived: Path) -> Spec:
                    "hparams": {**vision, "target_sparsity": 0.79}},
         "robust": {"source": "cifar10", "targets": ["cifar10-vehicles"],
                    "target_sparsity": 0.488, "source_adversarial": "pgd", "seeds": 1,
-                   "hparams": {**vision, "eval_attack": "pgd", "max_eval_samples": 1000}},
+                   "hparams": {**vision, "eval_attack": "pgd", "max_eval_samples": 500}},
         "supertickets": {
             "task": "sst2", "transfer_to": "mrpc", "seeds": 1, "imp_rate": 0.25,
             "imp_epochs": 2.0, "bench": True,
@@ -687,13 +687,11 @@ def reproduce(
         root = Path(spec.root) if spec.root else out / "runs"
     atomic_write_bytes(out / "spec.toml", to_toml(spec.to_dict()).encode())
     timings_path = out / "timings.json"
-    timings = read_json(timings_path, "Timings") if timings_path.is_file() else {}
+    timings = read_timings(timings_path)
 
     def add_time(key: str, seconds: float, ran: int = 0) -> None:
-        entry = timings.setdefault(key, {"wall_seconds": 0.0, "cells_run": 0})
-        entry["wall_seconds"] += seconds
-        entry["cells_run"] += ran
-        atomic_write_json(timings_path, timings)
+        timings.clear()
+        timings.update(add_timing(timings_path, key, seconds, ran))
 
     def recorder(label: str | None) -> Any:
         return lambda report: add_time(label or report.part, report.seconds, report.ran)
@@ -726,6 +724,30 @@ def reproduce(
     index = write_report(spec, root, out, timings, chosen)
     console.print(f"[green]report[/green]: {index}  (and {out / 'README.md'})")
     return index
+
+
+def read_timings(path: Path) -> dict[str, Any]:
+    return read_json(path, "Timings") if path.is_file() else {}
+
+
+def add_timing(path: Path, key: str, seconds: float, ran: int = 0) -> dict[str, Any]:
+    """Add one part's wall clock to ``timings.json`` and return the whole file. The file is
+    re-read under a lock each time, so two ``reproduce`` processes sharing one store (say, the
+    text parts on Ray beside the vision parts) add to it instead of overwriting each other."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            timings = read_timings(path)
+            entry = timings.setdefault(key, {"wall_seconds": 0.0, "cells_run": 0})
+            entry["wall_seconds"] += seconds
+            entry["cells_run"] += ran
+            atomic_write_json(path, timings)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return timings
 
 
 def run_vision(spec: Spec, root: Path, out: Path, runtime: Runtime, console: Console) -> None:
