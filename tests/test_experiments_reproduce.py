@@ -327,3 +327,43 @@ def test_timings_from_two_processes_add_up_instead_of_overwriting(tmp_path) -> N
     assert after == {"imp": {"wall_seconds": 11.5, "cells_run": 3},
                      "vision": {"wall_seconds": 5.0, "cells_run": 0}}
     assert json.loads(path.read_text()) == after
+
+
+def test_the_supertickets_section_has_its_speed_table_and_figure(tiny_bert_dir, glue_dir,
+                                                                 tmp_path) -> None:
+    """The comparison's JSON (as ``supertickets-compare`` writes it) becomes a table of
+    scores and costs, the bench's speed table and a figure."""
+    spec = Spec.from_dict({**tiny_spec(tiny_bert_dir, glue_dir).to_dict(),
+                           "supertickets": {"task": "sst2", "seeds": 1,
+                                            "hparams": {"model": str(tiny_bert_dir),
+                                                        "data_dir": str(glue_dir),
+                                                        "max_steps": 4,
+                                                        "target_sparsity": 0.2}}})
+
+    def model(score: float, seconds: float, sparsity: float = 0.0) -> dict:
+        return {"score": score, "sparsity": sparsity, "cost": {"seconds": seconds},
+                "run": f"sst2-not-stored-{score}"}
+
+    cells = [{"seed": s, "full": model(0.80 + s / 100, 80), "full_long": model(0.81, 150),
+              "imp": model(0.79, 240, 0.5), "super": model(0.802, 160, 0.5),
+              "transfer": {"full": model(0.71, 0), "imp": model(0.70, 0),
+                           "super": model(0.702, 0)}} for s in (0, 1)]
+    row = {"threads": 1, "batch": 1, "dense_ms": 38.8, "structured_ms": 30.3,
+           "structured_speedup": 1.28, "structured+sparse_ms": 22.9,
+           "structured+sparse_speedup": 1.69, "reference_ms": 23.9, "reference_speedup": 1.62,
+           "max_abs_logit_diff": 1.2e-7}
+    result = {"task": "sst2", "main_metric": "accuracy", "transfer": "mrpc", "per_seed": cells,
+              "bench": {"reference": "IMP level 2", "rows": [row, {**row, "batch": 32}],
+                        "parameters": {"full": 1000, "structured": 883}}}
+    out = tmp_path / "r"
+    (out / "supertickets").mkdir(parents=True)
+    (out / "supertickets" / "supertickets-sst2.json").write_text(json.dumps(result))
+    write_report(spec, tmp_path / "runs", out, {}, "supertickets")
+    readme = (out / "README.md").read_text()
+    assert "| SuperTicket | 50.0% | 80.2 ± 0.0 |" in readme
+    assert "| IMP | 50.0% | 79.0 ± 0.0 |" in readme
+    assert "| full model (IMP level 0) | 0% | 80.5 ± 0.7 |" in readme
+    assert "| 1 | 32 | 38.8 | 30.3 (1.28x) | 22.9 (1.69x) | 23.9 (1.62x) | 1.2e-07 |" in readme
+    assert "883 parameters of 1,000 (0.883x)" in readme
+    assert (out / "supertickets" / "supertickets.png").stat().st_size > 10_000
+    assert "supertickets/supertickets.png" in readme

@@ -232,6 +232,36 @@ def plot_robust_transfer(targets: Sequence[str], deltas: dict[str, Sequence[floa
     save_png(fig, path)
 
 
+def plot_supertickets(points: dict[str, tuple[tuple[float, float], float]],
+                      speedups: dict[str, dict[int, float]], title: str, path: Path) -> None:
+    """SuperTickets against IMP: score against training seconds (left; the trade-off the
+    paper is about, one point per model, ± std over seeds) and, when the speed bench ran,
+    the speed-up over the dense model per batch size for each way of running a ticket
+    (right)."""
+    fig = new_figure(10 if speedups else 5.5, 3.8, layout="tight")
+    axes = fig.subplots(1, 2 if speedups else 1, squeeze=False)[0]
+    ax = axes[0]
+    for name, ((mean, std), seconds) in points.items():
+        ax.errorbar([seconds], [mean * 100], yerr=[std * 100], fmt="o", capsize=3, label=name)
+    ax.set_xlabel("training time (s, mean over seeds)")
+    ax.set_ylabel("score (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    if speedups:
+        bx = axes[1]
+        batches = sorted({b for row in speedups.values() for b in row})
+        width = 0.8 / max(1, len(speedups))
+        for k, (name, row) in enumerate(speedups.items()):
+            bx.bar([i + (k - (len(speedups) - 1) / 2) * width for i in range(len(batches))],
+                   [row.get(b, 0.0) for b in batches], width, label=name)
+        bx.axhline(1.0, color="grey", lw=0.8, ls="--")
+        bx.set_xticks(list(range(len(batches))), [f"batch {b}" for b in batches])
+        bx.set_ylabel("speed-up over the dense model (x)")
+        bx.legend(fontsize=7)
+    fig.suptitle(title)
+    save_png(fig, path)
+
+
 #: One point of bench's sweep: (sparsity, wall-time speed-up, CPU-time speed-up or None).
 BenchPoint = tuple[float, float, "float | None"]
 
