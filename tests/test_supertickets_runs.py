@@ -313,3 +313,34 @@ def test_bench_times_the_structured_ticket_beside_dense_and_sparse(tiny_hparams,
     assert out["parameters"]["full"] - out["parameters"]["structured"] == \
         3 * (32 * 16 + 16) + 32 * 16 + 32 * 65
     assert out["reference"] == "full size + sparse kernels"
+
+
+def test_bench_times_an_imp_level_stored_without_weights_as_its_mask_on_theta0(
+        tiny_hparams, tmp_path, monkeypatch) -> None:
+    """A sweep stores IMP levels without trained weights; the bench's IMP reference is then θ0
+    with that level's mask — the same zeros, so the same sparse-kernel time — not an error."""
+    from ticketlab.imp import find_ticket
+    from ticketlab.models import load_model
+    from ticketlab.supertickets.bench import bench_superticket, imp_reference
+
+    monkeypatch.setenv("TICKETLAB_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "runs"
+    imp = find_ticket(tiny_hparams(target_sparsity=0.4, rate=0.2), root,
+                      Runtime(progress=False, save_weights=False), quiet())
+    assert not (imp.level_dir(2) / "model.safetensors").exists()
+    run = find_superticket(st_hparams(tiny_hparams), SP, root, QUIET, quiet())
+    info = {"model": tiny_hparams().model.model, "head": "sequence-classification",
+            "num_labels": 2}
+    model, name = imp_reference(imp.path, 2, root, info)
+    assert name == "IMP level 2's mask on θ0 + sparse kernels"
+    mask = Mask.load(imp.level_dir(2) / "mask.safetensors")
+    params = dict(model.base_model.named_parameters())
+    theta0 = dict(load_model(info["model"], info["head"], 2).base_model.named_parameters())
+    for key, keep in mask.tensors.items():
+        assert torch.equal(params[key] == 0, ~keep | (theta0[key] == 0)), key
+        assert torch.equal(params[key][keep], theta0[key][keep]), key
+    out = bench_superticket(run.path, root, imp=(imp.path, 2), batch_sizes=(2,), seq_len=8,
+                            threads=(1,), reps=1)
+    assert out["reference"] == name and out["rows"][0]["reference_ms"] > 0
+    with pytest.raises(TicketlabError, match="not finished"):
+        imp_reference(imp.path, 7, root, info)

@@ -28,7 +28,6 @@ def bench_superticket(run_ref: str | Path, root: Path | None = None, *,
                       level: int | None = None) -> dict[str, Any]:
     """Latency of the four variants at each (threads, batch). Returns the rows and sizes."""
     from ticketlab.commands.ship import bench_inputs, time_pair
-    from ticketlab.export import load_level
     from ticketlab.sparse import accelerate_ticket
 
     ticket, groups, keep = load_structured(run_ref, root, level)
@@ -37,8 +36,7 @@ def bench_superticket(run_ref: str | Path, root: Path | None = None, *,
     shrink(small.base_model, groups, keep)
     small.eval()
     if imp is not None:
-        reference = load_level(imp[0], imp[1], root).model.eval()
-        ref_name = f"IMP level {imp[1]} + sparse kernels"
+        reference, ref_name = imp_reference(imp[0], imp[1], root, ticket.info)
     else:
         reference = full
         ref_name = "full size + sparse kernels"
@@ -76,3 +74,26 @@ def bench_superticket(run_ref: str | Path, root: Path | None = None, *,
             "parameters": {"full": physical_size(full), "structured": physical_size(small)},
             "run": ticket.info["run"], "level": ticket.info["level"],
             "sparsity": ticket.mask.sparsity}
+
+
+def imp_reference(run_ref: str | Path, level: int, root: Path | None,
+                  info: dict[str, Any]) -> tuple[torch.nn.Module, str]:
+    """The IMP ticket to time beside the SuperTicket: the level's trained model, or — for a run
+    stored without trained weights (a sweep's IMP runs are) — θ0 with the level's mask
+    applied. The sparse kernels' speed depends only on where the zeros are, so the second is
+    timed exactly like the first; only its logits differ, and they are not compared."""
+    from ticketlab.export import load_level
+    from ticketlab.masks import Mask
+    from ticketlab.models import load_model
+    from ticketlab.store import default_root, find_run
+
+    run = find_run(str(run_ref), root or default_root())
+    if (run.level_dir(level) / "model.safetensors").is_file():
+        return load_level(run.path, level, root).model.eval(), f"IMP level {level} + sparse kernels"
+    mask_path = run.level_dir(level) / "mask.safetensors"
+    if level not in run.levels() or not mask_path.is_file():
+        return load_level(run.path, level, root).model, ""  # load_level says what is wrong
+    model = load_model(info["model"], info["head"], info["num_labels"],
+                       trust_remote_code=bool(info.get("trust_remote_code", False)))
+    Mask.load(mask_path).apply_(dict(model.base_model.named_parameters()))
+    return model.eval(), f"IMP level {level}'s mask on θ0 + sparse kernels"
