@@ -353,6 +353,7 @@ def test_the_supertickets_section_has_its_speed_table_and_figure(tiny_bert_dir, 
            "structured+sparse_speedup": 1.69, "reference_ms": 23.9, "reference_speedup": 1.62,
            "max_abs_logit_diff": 1.2e-7}
     result = {"task": "sst2", "main_metric": "accuracy", "transfer": "mrpc", "per_seed": cells,
+              "chance": 0.509, "transfer_chance": 0.684,
               "bench": {"reference": "IMP level 2", "rows": [row, {**row, "batch": 32}],
                         "parameters": {"full": 1000, "structured": 883}}}
     out = tmp_path / "r"
@@ -364,6 +365,9 @@ def test_the_supertickets_section_has_its_speed_table_and_figure(tiny_bert_dir, 
     assert "| IMP | 50.0% | 79.0 ± 0.0 |" in readme
     assert "| full model (IMP level 0) | 0% | 80.5 ± 0.7 |" in readme
     assert "| 1 | 32 | 38.8 | 30.3 (1.28x) | 22.9 (1.69x) | 23.9 (1.62x) | 1.2e-07 |" in readme
-    assert "883 parameters of 1,000 (0.883x)" in readme
+    assert "883 parameters of 1,000, 0.883x" in readme
+    assert "| majority class (chance) |  | 50.9 |  |" in readme
+    assert "| SuperTicket mask | 70.2 ± 0.0 |" in readme and "| majority class (chance) | 68.4 |" \
+        in readme
     assert (out / "supertickets" / "supertickets.png").stat().st_size > 10_000
     assert "supertickets/supertickets.png" in readme

@@ -1212,24 +1212,33 @@ def _supertickets_section(spec: Spec, out: Path) -> Section:
             ["IMP", f"{cells[0]['imp']['sparsity']:.1%}", stat("imp"), cost("imp")],
             ["SuperTicket", f"{cells[0]['super']['sparsity']:.1%}", stat("super"),
              cost("super")]]
+    if res.get("chance") is not None:
+        rows.append(["majority class (chance)", "", f"{res['chance'] * 100:.1f}", ""])
     sec.table(["", "sparsity", res["main_metric"], "training time"], rows)
     if res.get("transfer"):
-        sec.table([f"on {task_label(res['transfer'])}", "score"],
-                  [[name, mean_std(Stats.of([c["transfer"][name]["score"] for c in cells]))]
-                   for name in ("full", "imp", "super")])
+        transfer = [[name, mean_std(Stats.of([c["transfer"][key]["score"] for c in cells]))]
+                    for name, key in (("full model", "full"), ("IMP mask", "imp"),
+                                      ("SuperTicket mask", "super"))]
+        if res.get("transfer_chance") is not None:
+            transfer.append(["majority class (chance)", f"{res['transfer_chance'] * 100:.1f}"])
+        sec.table([f"fine-tuned on {task_label(res['transfer'])}", "score"], transfer)
+    sec.text.append("Training time is wall clock, measured with the other parts running "
+                    "beside it: compare it within one report, not across machines.")
     bench = res.get("bench")
     speedups: dict[str, dict[int, float]] = {}
     if bench:
         p = bench["parameters"]
         sec.text.append(
-            f"Speed of seed {cells[0]['seed']}'s SuperTicket (`supertickets-bench`; best of "
-            "interleaved calls, CPU time on one thread, measured while the other parts ran): "
-            f"{p['structured']:,} parameters of {p['full']:,} "
-            f"({p['structured'] / p['full']:.3f}x), against the dense model and the IMP ticket "
-            f"({bench['reference']}) on ticketlab's sparse kernels.")
+            f"The last table is the speed of seed {cells[0]['seed']}'s SuperTicket "
+            "(`supertickets-bench`; best of interleaved calls; CPU time on one thread, "
+            "measured while the other parts ran): *smaller* is the SuperTicket with its removed "
+            f"heads and neurons cut out ({p['structured']:,} parameters of {p['full']:,}, "
+            f"{p['structured'] / p['full']:.3f}x), in plain PyTorch and on ticketlab's sparse "
+            f"kernels; the last timing is the IMP ticket of the same sparsity "
+            f"({bench['reference']}).")
         rows = bench["rows"]
         sec.table(["threads", "batch", "dense ms", "smaller (plain PyTorch)",
-                   "smaller + sparse kernels", f"{bench['reference']} (sparse kernels)",
+                   "smaller + sparse kernels", "IMP ticket + sparse kernels",
                    "max abs Δ logit"],
                   [[str(r["threads"]), str(r["batch"]), f"{r['dense_ms']:.1f}",
                     f"{r['structured_ms']:.1f} ({r['structured_speedup']:.2f}x)",
