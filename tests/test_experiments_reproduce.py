@@ -341,7 +341,8 @@ def test_the_supertickets_section_has_its_speed_table_and_figure(tiny_bert_dir, 
                                                         "target_sparsity": 0.2}}})
 
     def model(score: float, seconds: float, sparsity: float = 0.0) -> dict:
-        return {"score": score, "sparsity": sparsity, "cost": {"seconds": seconds},
+        return {"score": score, "sparsity": sparsity,
+                "cost": {"seconds": seconds * 2, "cpu_seconds": seconds, "steps": 126},
                 "run": f"sst2-not-stored-{score}"}
 
     cells = [{"seed": s, "full": model(0.80 + s / 100, 80), "full_long": model(0.81, 150),
@@ -361,7 +362,7 @@ def test_the_supertickets_section_has_its_speed_table_and_figure(tiny_bert_dir, 
     (out / "supertickets" / "supertickets-sst2.json").write_text(json.dumps(result))
     write_report(spec, tmp_path / "runs", out, {}, "supertickets")
     readme = (out / "README.md").read_text()
-    assert "| SuperTicket | 50.0% | 80.2 ± 0.0 |" in readme
+    assert "| SuperTicket | 50.0% | 80.2 ± 0.0 | 2 min 40 s (126 steps) |" in readme
     assert "| IMP | 50.0% | 79.0 ± 0.0 |" in readme
     assert "| full model (IMP level 0) | 0% | 80.5 ± 0.7 |" in readme
     assert "| 1 | 32 | 38.8 | 30.3 (1.28x) | 22.9 (1.69x) | 23.9 (1.62x) | 1.2e-07 |" in readme
