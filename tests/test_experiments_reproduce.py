@@ -372,3 +372,44 @@ def test_the_supertickets_section_has_its_speed_table_and_figure(tiny_bert_dir, 
         in readme
     assert (out / "supertickets" / "supertickets.png").stat().st_size > 10_000
     assert "supertickets/supertickets.png" in readme
+
+
+def test_the_robust_section_has_one_double_win_table_of_both_searches(tiny_bert_dir, glue_dir,
+                                                                       tmp_path,
+                                                                       monkeypatch) -> None:
+    """The robust part run from a spec: its transfer table, then one Double-Win table with a
+    row per (search, level); robust matching against a full model with no robustness is
+    called vacuous."""
+    hp = {"model": str(tiny_bert_dir), "data_dir": str(glue_dir), "max_train_samples": 32,
+          "max_eval_samples": 16, "max_length": 32, "batch_size": 16, "epochs": 1.0,
+          "lr": 1e-3, "adv_eps": 0.3, "adv_step": 0.1, "adv_steps": 1, "eval_attack": "pgd",
+          "eval_attack_steps": 1}
+    spec = Spec.from_dict({**tiny_spec(tiny_bert_dir, glue_dir).to_dict(),
+                           "robust": {"source": "sst2", "targets": ["mrpc"],
+                                      "target_sparsity": 0.1, "seeds": 1, "hparams": hp}})
+    out = tmp_path / "r"
+    reproduce(spec, out, runtime=QUIET, console=Console(quiet=True), parts="robust")
+    section = (out / "README.md").read_text().split("## Robust tickets")[1].split("\n## ")[0]
+    assert "every score on the first 16 evaluation examples" in section
+    assert "| ticket | target | score | Δ | robust score | robust Δ |" in section
+    header = "| search | sparsity | standard | robust | matching | robust-matching | double-win |"
+    assert section.count(header) == 1
+    assert section.index("| ticket |") < section.index(header)  # tables in the text's order
+    rows = [line for line in section.splitlines() if line.startswith(("| vanilla |",
+                                                                      "| robust |"))]
+    assert [r.split(" | ")[:2] for r in rows if " | full | full |" in r] == [
+        ["| vanilla", "0%"], ["| robust", "0%"]]
+    full_robust = {r.split(" | ")[0][2:]: float(r.split(" | ")[3]) for r in rows
+                   if " | full | full |" in r}
+    vacuous = [name for name, score in full_robust.items() if score <= 1.0]
+    assert ("Robust matching is vacuous" in section) == bool(vacuous)
+    for name in vacuous:
+        assert f"{name} ({full_robust[name]:.1f} %)" in section
+    # with a threshold above both full models' robust accuracy, both are called vacuous
+    import ticketlab.experiments.reproduce as reproduce_module
+
+    monkeypatch.setattr(reproduce_module, "VACUOUS_ROBUST", 1.0)
+    reproduce(spec, out, runtime=QUIET, console=Console(quiet=True), parts="robust")
+    again = (out / "README.md").read_text().split("## Robust tickets")[1].split("\n## ")[0]
+    assert "Robust matching is vacuous" in again
+    assert all(f"{name} ({score:.1f} %)" in again for name, score in full_robust.items())

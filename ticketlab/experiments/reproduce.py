@@ -1136,19 +1136,28 @@ def _vision_section(spec: Spec, root: Path, out: Path) -> Section:
     return sec
 
 
+#: A full model's robust accuracy at or below this (1 %) leaves nothing to match: any ticket's
+#: robust score "matches" it.
+VACUOUS_ROBUST = 0.01
+
+
 def _robust_section(spec: Spec, root: Path, out: Path) -> Section:
     """The robust-transfer table and figure (written when the part finishes) and the
     Double-Win table of both source searches (read from the store)."""
     from ticketlab.experiments.matching import double_win
 
-    _, sources, _ = robust_setup(spec)
+    per_task, sources, _ = robust_setup(spec)
     rb = spec.extra["robust"]
+    vacuous: list[str] = []
+    first = next(iter(per_task.values()))
+    images = (f"the first {first.data.max_eval_samples:,} evaluation examples"
+              if first.data.max_eval_samples else "the whole evaluation split")
     sec = Section("Robust tickets", text=[
         f"The vanilla and the adversarially found ({rb.get('source_adversarial', 'pgd')}) IMP "
         f"ticket of {task_label(str(rb.get('source', 'cifar10')))} at "
         f"{float(rb['target_sparsity']):.1%}, each fine-tuned on every target beside the full "
         "model (`ticketlab robust-transfer`); Δ = ticket − full model in points, standard and "
-        "robust (under the evaluation attack) accuracy."])
+        f"robust accuracy (under {first.train.eval_attack}), every score on {images}."])
     path = out / "robust" / "robust_transfer.json"
     if path.is_file():
         data = read_json(path, "Robust transfer")
@@ -1164,22 +1173,36 @@ def _robust_section(spec: Spec, root: Path, out: Path) -> Section:
         sec.images.append(("robust/robust_transfer.png", "robust transfer"))
     else:
         sec.text.append("The robust transfer has not finished yet.")
+    rows = []
     for name, hp in sources.items():
         wins = double_win(group_of(hp, [hp.train.seed], root))
         if wins is None:
             continue
         robust = {s.level: s for s in wins.robust.levels}
-        rows = [["0%", mean_std(wins.standard.full), mean_std(wins.robust.full), "", "", ""]]
+        rows.append([name, "0%", mean_std(wins.standard.full), mean_std(wins.robust.full),
+                     "full", "full", ""])
         for s in wins.standard.levels:
             r = robust.get(s.level)
-            rows.append([f"{s.sparsity:.1%}", mean_std(s.stats),
+            rows.append([name, f"{s.sparsity:.1%}", mean_std(s.stats),
                          "–" if r is None else mean_std(r.stats), "yes" if s.matching else "",
                          "yes" if r is not None and r.matching else "",
                          "yes" if s.level in wins.levels else ""])
-        sec.text.append(f"Double-Win table of the {name} source search (seed "
-                        f"{hp.train.seed}; with one seed, matching means at least the full "
-                        "model's score):")
-        sec.table(["sparsity", "standard", "robust", "matching", "robust-matching",
+        if wins.robust.full.mean <= VACUOUS_ROBUST:
+            vacuous.append(f"{name} ({wins.robust.full.mean * 100:.1f} %)")
+    if rows:
+        seed = next(iter(sources.values())).train.seed
+        sec.text.append(
+            f"The second table is the Double-Win table of both source searches (seed {seed}; "
+            "with one seed, matching means at least the full model's score), scored on the "
+            "source task: a level is *double-win* when it matches on standard and on robust "
+            "accuracy.")
+        if vacuous:
+            sec.text.append(
+                "Robust matching is vacuous for the search(es) whose full model has no "
+                f"robustness to match: {', '.join(vacuous)} robust accuracy at 0 % sparsity, "
+                "so any robust score matches it, and their double-win levels say nothing "
+                "about robustness.")
+        sec.table(["search", "sparsity", "standard", "robust", "matching", "robust-matching",
                    "double-win"], rows)
     return sec
 
@@ -1192,7 +1215,8 @@ def _supertickets_section(spec: Spec, out: Path) -> Section:
         "IMP at the same overall sparsity, same task and seeds, with the full model trained "
         "as long as the SuperTickets run, and both tickets' masks fine-tuned on "
         f"{task_label(comparison.transfer) if comparison.transfer else 'no second task'} "
-        "(`ticketlab supertickets-compare`). Cost: training seconds, mean over seeds. Full "
+        "(`ticketlab supertickets-compare`). Cost: training CPU time and optimizer steps, "
+        "mean over seeds. Full "
         f"report: `supertickets/supertickets-{comparison.task}.md`."])
     path = out / "supertickets" / f"supertickets-{comparison.task}.json"
     if not path.is_file():
