@@ -1366,7 +1366,9 @@ def _timing_section(spec: Spec, grid: Spec | None, parts: Sequence[str], root: P
         "such as a full model reused by the transfer, is counted once). The mlm line is every "
         "cell of the mlm task (its IMP, baselines, and its transfer row onto the GLUE targets)."
         " A cell of vision, robust and supertickets is one IMP run, baseline branch, search or "
-        "fine-tune."])
+        "fine-tune. Where parts ran side by side in two processes sharing the store, their "
+        "wall clocks overlap, so the total wall clock is more than the time it took; compute "
+        "sums the cells, and cells run in parallel add up too."])
     sec.table(["part", "cells", "wall clock", "compute"], table)
     return sec
 
