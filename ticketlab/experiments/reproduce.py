@@ -1254,16 +1254,17 @@ def _supertickets_section(spec: Spec, out: Path) -> Section:
             transfer.append(["majority class (chance)", f"{res['transfer_chance'] * 100:.1f}"])
         sec.table([f"fine-tuned on {task_label(res['transfer'])}", "score"], transfer)
     sec.text.append("Training CPU time: summed over IMP's levels and over the SuperTickets "
-                    "run's intervals; CPU rather than wall time because other parts ran beside "
-                    "these (a busy core slows the wall clock, not the CPU time).")
+                    "run's intervals; CPU rather than wall time, because other processes on the "
+                    "machine (another part of the same reproduction, say) slow the wall clock, "
+                    "not the CPU time.")
     bench = res.get("bench")
     speedups: dict[str, dict[int, float]] = {}
     if bench:
         p = bench["parameters"]
         sec.text.append(
             f"The last table is the speed of seed {cells[0]['seed']}'s SuperTicket "
-            "(`supertickets-bench`; best of interleaved calls; CPU time on one thread, "
-            "measured while the other parts ran): *smaller* is the SuperTicket with its removed "
+            "(`supertickets-bench`; best of interleaved calls; CPU time on one thread, wall "
+            "time on more): *smaller* is the SuperTicket with its removed "
             f"heads and neurons cut out ({p['structured']:,} parameters of {p['full']:,}, "
             f"{p['structured'] / p['full']:.3f}x), in plain PyTorch and on ticketlab's sparse "
             f"kernels; the last timing is the IMP ticket of the same sparsity "

@@ -88,12 +88,11 @@ def imp_reference(run_ref: str | Path, level: int, root: Path | None,
     from ticketlab.store import default_root, find_run
 
     run = find_run(str(run_ref), root or default_root())
-    if (run.level_dir(level) / "model.safetensors").is_file():
+    if level not in run.levels() or (run.level_dir(level) / "model.safetensors").is_file():
+        # trained weights, or an unfinished level: load_level's own error says which
         return load_level(run.path, level, root).model.eval(), f"IMP level {level} + sparse kernels"
-    mask_path = run.level_dir(level) / "mask.safetensors"
-    if level not in run.levels() or not mask_path.is_file():
-        return load_level(run.path, level, root).model, ""  # load_level says what is wrong
     model = load_model(info["model"], info["head"], info["num_labels"],
                        trust_remote_code=bool(info.get("trust_remote_code", False)))
-    Mask.load(mask_path).apply_(dict(model.base_model.named_parameters()))
+    Mask.load(run.level_dir(level) / "mask.safetensors").apply_(
+        dict(model.base_model.named_parameters()))
     return model.eval(), f"IMP level {level}'s mask on θ0 + sparse kernels"
