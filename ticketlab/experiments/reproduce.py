@@ -132,10 +132,11 @@ a 2-core CPU (the machine this preset was measured on): 84 trainings, 16,376 opt
 (`--estimate`); the report's timing section has what it took there. The previous preset (six
 GLUE tasks, levels to 75 %, MLM levels of 100 steps after a 300-step head, vision over 2 seeds,
 robust scored on 2,000 images, SuperTickets over 2 seeds) was 221 trainings and 40,040 steps,
-measured at well over 4 h, so it was cut where a column carried no information or a part cost
-most, and kept where the claims live (3 seeds for the matching rule, every baseline, standard
-pruning, rewinding, the MLM row of the transfer matrix, the vision, robust and SuperTickets
-parts):
+~4.3 h of training by the estimate before evaluation (its GLUE part alone, without standard
+pruning and rewinding, took 2 h 15 min here), so it was cut where a column carried no
+information or a part cost most, and kept where the claims live (3 seeds for the matching
+rule, every baseline, standard pruning, rewinding, the MLM row of the transfer matrix, the
+vision, robust and SuperTickets parts):
 - **Two GLUE tasks, SST-2 and STS-B: the ones whose full model clearly learns at this
   budget.** In the previous preset's measured run (RESULTS.md) the full models of CoLA (MCC
   0.0 ± 0.0) and WNLI (40.4 ± 15.5 % against 56.3 % for the majority class) were at chance,
