@@ -344,3 +344,6 @@ def test_bench_times_an_imp_level_stored_without_weights_as_its_mask_on_theta0(
     assert out["reference"] == name and out["rows"][0]["reference_ms"] > 0
     with pytest.raises(TicketlabError, match="not finished"):
         imp_reference(imp.path, 7, root, info)
+    # an IMP run of another model than the SuperTicket's: one clear error, not a shape error
+    with pytest.raises(TicketlabError, match="was found on .* the SuperTicket on 'other-model'"):
+        imp_reference(imp.path, 2, root, {**info, "model": "other-model"})

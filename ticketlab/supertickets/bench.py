@@ -81,18 +81,36 @@ def imp_reference(run_ref: str | Path, level: int, root: Path | None,
     """The IMP ticket to time beside the SuperTicket: the level's trained model, or — for a run
     stored without trained weights (a sweep's IMP runs are) — θ0 with the level's mask
     applied. The sparse kernels' speed depends only on where the zeros are, so the second is
-    timed exactly like the first; only its logits differ, and they are not compared."""
-    from ticketlab.export import load_level
+    timed exactly like the first; only its logits differ, and they are not compared.
+
+    The IMP run must have been found on the SuperTicket's model (``info["model"]``): the bench
+    feeds both the same inputs, and a speed-up against another architecture means nothing. Its
+    mask is checked against θ0 (names, shapes, weights) before it is applied."""
+    from ticketlab.errors import TicketlabError
+    from ticketlab.export import _run_hparams, load_level
+    from ticketlab.hf import mask_parameters
     from ticketlab.masks import Mask
-    from ticketlab.models import load_model
+    from ticketlab.models import fingerprint, load_model, tensor_digests
     from ticketlab.store import default_root, find_run
+    from ticketlab.tasks import get_task
 
     run = find_run(str(run_ref), root or default_root())
+    hp = _run_hparams(run.read_hparams())
+    model_ref = hp["model"]["model"]
+    if str(model_ref) != str(info["model"]):
+        raise TicketlabError(
+            f"IMP run {run.path.name} was found on {model_ref!r}, the SuperTicket on "
+            f"{info['model']!r}: the bench times both on the same inputs.",
+            "Pass --imp RUN:LEVEL of an IMP run on the SuperTicket's model, or leave --imp out.")
     if level not in run.levels() or (run.level_dir(level) / "model.safetensors").is_file():
         # trained weights, or an unfinished level: load_level's own error says which
         return load_level(run.path, level, root).model.eval(), f"IMP level {level} + sparse kernels"
-    model = load_model(info["model"], info["head"], info["num_labels"],
-                       trust_remote_code=bool(info.get("trust_remote_code", False)))
-    Mask.load(run.level_dir(level) / "mask.safetensors").apply_(
-        dict(model.base_model.named_parameters()))
+    head = get_task(hp["data"]["task"]).head
+    model = load_model(model_ref, head, info["num_labels"] if head == info["head"] else 2,
+                       trust_remote_code=bool(hp["model"].get("trust_remote_code", False)))
+    mask = Mask.load(run.level_dir(level) / "mask.safetensors")
+    params = mask_parameters(model, mask)  # names and shapes
+    mask.check_compatible(params, fingerprint(params), source=f"IMP level {level}'s mask",
+                          digests=tensor_digests(model.base_model.state_dict()))
+    mask.apply_(params)
     return model.eval(), f"IMP level {level}'s mask on θ0 + sparse kernels"
