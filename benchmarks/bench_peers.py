@@ -114,6 +114,18 @@ def deepsparse_engine(path: Path, batch: int, threads: int) -> Callable[[dict], 
     return lambda feed: engine.run([feed["input_ids"], feed["attention_mask"]])[0]
 
 
+def cpu_isa() -> str:
+    """The CPU's model and widest vector extension: the ranking of the engines depends on it
+    (DeepSparse's README: "highly recommended to run on a CPU with AVX-512 instructions
+    available for optimal algorithms to be enabled"; on AVX2 it measured far slower here)."""
+    from ticketlab.sparse.build import cpu_signature
+
+    model, _, flags = cpu_signature().partition("|")
+    isa = next((f for f in ("avx512f", "avx2", "avx", "neon", "asimd") if f in flags.split()),
+               "no vector extension known here")
+    return f"{model}, {isa}"
+
+
 def run_cell(model_name: str, batch: int, threads: int, sparsity: float, reps: int,
              engines: list[str]) -> dict[str, Any]:
     """Everything measured for one cell, in this process."""
@@ -269,8 +281,8 @@ def main() -> None:
                                      ).split(",")]
     batches = [int(b) for b in (args.batch_sizes or ("1" if args.quick else "1,32")).split(",")]
     thread_counts = [int(t) for t in (args.threads or "1").split(",")]
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, engines {engines}; seq {SEQ_LEN}; "
-          f"load average {os.getloadavg()[0]:.2f}", flush=True)
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs ({cpu_isa()}), engines {engines}; "
+          f"seq {SEQ_LEN}; load average {os.getloadavg()[0]:.2f}", flush=True)
     for e in engines[1:]:
         with contextlib.suppress(Exception):
             print(f"  {e} {__import__(e).__version__}", flush=True)
@@ -301,6 +313,8 @@ def main() -> None:
                         for e in engines) + f"  load {cell['load']}", flush=True)
     print("\n" + markdown(cells, engines))
     if args.json:
+        for cell in cells:
+            cell["cpu"] = cpu_isa()
         args.json.write_text(json.dumps(cells, indent=2) + "\n")
 
 
