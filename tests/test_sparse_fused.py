@@ -43,7 +43,8 @@ ACTS = {ACT_GELU: F.gelu, ACT_GELU_TANH: lambda x: F.gelu(x, approximate="tanh")
 
 
 @pytest.mark.parametrize("shape", [(1, 40, 30), (7, 384, 384), (130, 100, 1024), (33, 96, 64),
-                                   (500, 40, 1024), (421, 72, 48)])  # few and many row blocks
+                                   (500, 40, 1024), (421, 72, 48),  # few and many row blocks
+                                   (130, 70, 3072), (300, 40, 2500)])  # K cut into chunks
 def test_gemm_and_its_epilogues_match_torch(shape):
     t, n, k = shape
     g = torch.Generator().manual_seed(t)
