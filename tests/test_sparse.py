@@ -24,7 +24,9 @@ from ticketlab.sparse.calibration import (
     can_run_sparse,
     candidate_variants,
     confirm_close_call,
+    evict_caches,
     measure_layer,
+    time_candidates,
     token_bucket,
 )
 from ticketlab.sparse.fused import fused_layers
@@ -412,3 +414,35 @@ def test_a_close_call_that_holds_keeps_its_win_and_clear_calls_are_not_retimed()
     # A clear win (2x) and a clear loss are not re-timed: the functions are never called.
     for first in ({DENSE: 1.0, "tb64-kc128": 0.5}, {DENSE: 1.0, "tb64-kc128": 1.3}):
         assert confirm_close_call({}, first) == first
+
+
+def test_every_timed_call_follows_a_cache_eviction_outside_the_clock():
+    """Calibration times a layer as a forward meets it: weights out of L2 (evict_caches before
+    each call), and the eviction itself is not part of any timing."""
+    clock = FakeClock()
+    events: list[str] = []
+
+    def before() -> None:
+        events.append("evict")
+        clock.now += 5.0  # would dominate every timing if it were inside the clock
+
+    def timed(name: str, cost: float):
+        def run() -> None:
+            events.append(name)
+            clock.now += cost
+        return run
+
+    fns = {DENSE: timed(DENSE, 1.0), "tb64-kc128": timed("tb64-kc128", 0.9)}
+    best = time_candidates(fns, rounds=3, budget_s=1e9, clock=clock, before=before)
+    assert best == {DENSE: pytest.approx(1.0), "tb64-kc128": pytest.approx(0.9)}
+    timed_calls = events[2:]  # after one untimed warm-up each
+    assert timed_calls == ["evict", DENSE, "evict", "tb64-kc128"] * 3
+    events.clear()
+    out = confirm_close_call(fns, best, clock=clock, before=before)
+    assert events == ["evict", DENSE, "evict", "tb64-kc128", "evict", "tb64-kc128", "evict",
+                      DENSE] * 6
+    assert out["tb64-kc128"] == pytest.approx(0.9) and choose(out) == "tb64-kc128"
+    x = torch.randn(8, 4)
+    before_x = x.clone()
+    evict_caches(x)
+    assert torch.equal(x, before_x)
