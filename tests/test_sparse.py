@@ -15,7 +15,7 @@ from ticketlab.errors import TicketlabError
 from ticketlab.masks import Mask
 from ticketlab.pruning import prune
 from ticketlab.sparse import CalibrationTable, accelerate_ticket, choose, sparse_layers, table_key
-from ticketlab.sparse.build import TOKEN_BLOCKS
+from ticketlab.sparse.build import TOKEN_BLOCKS, load_library
 from ticketlab.sparse.calibration import (
     DENSE,
     DENSE_KINDS,
@@ -58,22 +58,62 @@ def sparse_matrix(n: int, k: int, sparsity: float, seed: int = 0) -> torch.Tenso
 
 
 def unpack(p) -> torch.Tensor:
-    """Dense matrix back from the packed layout (independent of the kernel)."""
+    """Dense matrix back from the packed layout (independent of the kernel): every row's own
+    nonzeros, then each pair's shared columns."""
     out = torch.zeros(p.out_features, p.in_features)
-    rowptr = p.rowptr.long().view(p.ncb, p.out_features + 1)
+    rowptr = p.rowptr.long().view(p.ncb, 2 * p.ngroups + 1)
+    sptr = p.sptr.long().view(p.ncb, p.ngroups + 1)
+    groups = p.groups.long().view(-1, 2).tolist()
+    slots = [r for g in groups for r in g]  # CSR row 2g is row a of group g, 2g+1 row b
     for c in range(p.ncb):
-        for r in range(p.out_features):
-            lo, hi = int(rowptr[c, r]), int(rowptr[c, r + 1])
+        for slot, r in enumerate(slots):
+            lo, hi = int(rowptr[c, slot]), int(rowptr[c, slot + 1])
+            if r < 0:
+                assert lo == hi  # a single row's empty partner
+                continue
             out[r, c * p.kc + p.idx[lo:hi].long()] = p.val[lo:hi]
+        for g, (a, b) in enumerate(groups):
+            lo, hi = int(sptr[c, g]), int(sptr[c, g + 1])
+            if b < 0:
+                assert lo == hi  # a single row has no shared columns
+                continue
+            cols = c * p.kc + p.sidx[lo:hi].long()
+            assert not out[a, cols].any() and not out[b, cols].any()  # each weight stored once
+            out[a, cols] = p.sval[2 * lo:2 * hi:2]
+            out[b, cols] = p.sval[2 * lo + 1:2 * hi:2]
     return out
 
 
+@pytest.mark.parametrize("pair", [True, False])
 @pytest.mark.parametrize("kc", [16, 50, 512])
-def test_packing_round_trips(kc):
-    w = sparse_matrix(37, 130, 0.9)
-    packed = pack_weight(w, kc)
+def test_packing_round_trips(kc, pair):
+    w = sparse_matrix(37, 130, 0.5)
+    packed = pack_weight(w, kc, pair=pair)
     assert packed.nnz == int((w != 0).sum())
     assert torch.equal(unpack(packed), w)
+    assert (packed.sval.numel() > 0) == pair
+
+
+def test_rows_are_paired_within_their_tile_by_shared_columns():
+    tile = load_library().tl_tile_rows()
+    w = sparse_matrix(2 * tile + 5, 90, 0.6, seed=3)
+    w[3] = w[tile + 7]  # the same pattern in two tiles: may not be paired across them
+    w[1] = torch.randn(90) + 1.0  # the densest row of its tile, taken first: its best partner
+    w[4] = w[1] * 2.0  # (the same pattern, all columns shared) must be found
+    packed = pack_weight(w, 64)
+    groups = packed.groups.view(-1, 2).tolist()
+    rows = [r for g in groups for r in g if r >= 0]
+    assert sorted(rows) == list(range(w.shape[0]))  # every row exactly once
+    assert packed.tgroup.tolist()[0] == 0 and packed.tgroup.tolist()[-1] == len(groups)
+    starts = packed.tgroup.tolist()
+    for t, (g0, g1) in enumerate(zip(starts[:-1], starts[1:], strict=True)):
+        assert all(r // tile == t for g in groups[g0:g1] for r in g if r >= 0)
+    assert [1, 4] in groups or [4, 1] in groups
+    assert [w.shape[0] // 2, -1] in groups  # the all-pruned row shares nothing
+    # more columns are shared than in consecutive pairs of this random mask
+    nz = (w != 0).float()
+    consecutive = float((nz[0:-1:2] * nz[1::2]).sum()) * 2
+    assert packed.sval.numel() > consecutive
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 0.99])
@@ -282,7 +322,9 @@ def test_calibration_is_measured_cached_and_reused(tmp_path, monkeypatch):
     again = accelerate_ticket(torch.nn.Sequential(layer), tokens=(100,), threads=(1,),
                               table=CalibrationTable.load(path))
     key = table_key(64, 96, density, 128, 1)
-    assert sparse_layers(again)["0"].plan[(128, 1)] == choose(stored[key])
+    # the exact kernel ("plan" folds MKL and the GEMM into "dense": comparing it with choose()
+    # failed whenever the GEMM measured fastest)
+    assert sparse_layers(again)["0"].kernels[(128, 1)] == choose(stored[key])
     path.write_text("{not json")
     assert CalibrationTable.load(path).entries == {}
 

@@ -51,7 +51,7 @@ from typing import Any
 from ticketlab.errors import TicketlabError
 
 SOURCE = Path(__file__).with_name("kernel.c")
-ABI_VERSION = 3
+ABI_VERSION = 4
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
 #: Token-block widths compiled into the library (``tl_spmm_tb{TB}``).
 TOKEN_BLOCKS = (16, 32, 64, 128)
@@ -402,11 +402,14 @@ def _declare(lib: ctypes.CDLL) -> None:
     epilogue = [i32, p, p, p, f32]
     for tb in TOKEN_BLOCKS:
         fn = getattr(lib, f"tl_spmm_tb{tb}")
-        # x, T, K, ws, kc, ncb, rowptr, idx, val, N, bias, y, nthreads, epilogue...
-        fn.argtypes = [p, i64, i32, p, i32, i32, p, p, p, i32, p, p, i32, *epilogue]
+        # x, T, K, ws, kc, ncb, rowptr, idx, val, groups, tgroup, sptr, sidx, sval, ngroups,
+        # N, bias, y, nthreads, epilogue...
+        fn.argtypes = [p, i64, i32, p, i32, i32, p, p, p, p, p, p, p, p, i32, i32, p, p, i32,
+                       *epilogue]
         fn.restype = None
     signatures: dict[str, list[Any]] = {
         "tl_gemm_nr": [],
+        "tl_tile_rows": [],
         "tl_gemm_ws": [i64, i32, i32],  # T, K, nthreads -> scratch floats
         "tl_gemm_pack": [p, i32, i32, p],  # w, N, K, wp
         # x, T, K, wp, N, bias, y, nthreads, epilogue..., ws
@@ -419,7 +422,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
         fn.argtypes = argtypes
-        fn.restype = {"tl_gemm_nr": ctypes.c_int, "tl_gemm_ws": ctypes.c_int64}.get(name)
+        fn.restype = {"tl_gemm_nr": ctypes.c_int, "tl_tile_rows": ctypes.c_int,
+                      "tl_gemm_ws": ctypes.c_int64}.get(name)
 
 
 @lru_cache(maxsize=1)
