@@ -116,6 +116,20 @@ def test_rows_are_paired_within_their_tile_by_shared_columns():
     assert packed.sval.numel() > consecutive
 
 
+def test_rows_sharing_few_columns_per_chunk_stay_single():
+    from ticketlab.sparse.kernels import PAIR_MIN_SHARED_PER_CHUNK
+
+    w = torch.zeros(8, 64)
+    w[0, :8] = w[1, :8] = 1.0  # 8 shared columns, in the first of the chunks
+    w[2:, 40] = 1.0  # every other row shares one column
+    for kc, paired in ((64, True), (8, False)):  # 8 per chunk on average vs 1 per chunk
+        assert (8 * kc / 64 >= PAIR_MIN_SHARED_PER_CHUNK) == paired
+        groups = pack_weight(w, kc).groups.view(-1, 2).tolist()
+        assert ([0, 1] in groups or [1, 0] in groups) == paired
+        assert sum(b >= 0 for _, b in groups) == (1 if paired else 0)
+        assert torch.equal(unpack(pack_weight(w, kc)), w)
+
+
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 0.99])
 def test_kernel_matches_dense(sparsity):
     w = sparse_matrix(70, 200, sparsity, seed=1)
