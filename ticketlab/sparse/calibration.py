@@ -162,11 +162,12 @@ def evict_caches(keep: torch.Tensor | None = None) -> None:
     """Read :data:`EVICT_BYTES` of other memory, then ``keep`` (the product's input) again.
 
     Why: in a forward, each of a model's weight matrices was last used a whole forward ago (37
-    matrices, 42 MB for MiniLM; 85 MB for BERT-base), so it comes from L3, while the input is the
-    previous product's output, still in L2. Timing a layer by calling it again and again keeps
-    its weights in L2 instead, which flatters whichever kernel suffers most from L3 latency: on
-    an AVX-512 Xeon, a calibration timed hot put BERT-base's 50 %-sparse layers on the sparse
-    kernel and the accelerated model ran at 0.94x of eager (175.6 -> 186.0 ms; 1.07x at 0 %).
+    matrices, 42 MB for MiniLM; 73 and 342 MB for BERT-base), so it comes from L3 or memory,
+    while the input is the previous product's output, still in L2. Timing a layer by calling it
+    again and again keeps its weights in L2 instead, which flatters whichever kernel suffers most
+    from L3 latency: on an AVX-512 Xeon, a calibration timed hot put BERT-base's 50 %-sparse
+    layers on the sparse kernel and the accelerated model ran at 0.94x of eager (175.6 -> 186.0
+    ms; 1.07x at 0 %).
     """
     buf = _evict.get("buf")
     if buf is None:
