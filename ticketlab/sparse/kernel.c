@@ -290,8 +290,8 @@ int tl_abi_version(void) { return TL_ABI_VERSION; }
 int tl_tile_rows(void) { return RC; }
 
 /* The own nonzeros of row r (CSR row `slot`) of chunk c into the accumulator set S[U][NV]
-   (already holding the row's shared-column sums), then into the tile's partial sums acc. A macro, not a pointer to
-   S, so that both sets stay in registers. */
+   (already holding the row's shared-column sums), then into the tile's partial sums acc. A
+   macro, not a pointer to S, so that both sets stay in registers. */
 #define ROW_SINGLES(S, r, slot, TB, U)                                                         \
     do {                                                                                       \
         int32_t q = rp[slot];                                                                  \
