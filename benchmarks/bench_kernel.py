@@ -1,22 +1,24 @@
-"""One Linear, dense MKL vs ticketlab's sparse kernel, across densities: where sparse can win.
+"""One Linear, dense (MKL, ticketlab's GEMM) vs ticketlab's sparse kernel: where sparse can win.
 
 What is measured
 ----------------
 For each matrix shape of MiniLM-L6 and BERT-base (Q/K/V/attention-out, FFN in, FFN out), each
 density (random unstructured masks) and each token count, the best time of dense ``F.linear``
-(MKL) and of the best sparse kernel variant (every token block and column chunk the calibration
-tries), on one thread, in CPU time of the calling thread (``time.thread_time``: the other load
-on a shared machine does not reach it) beside wall time, interleaved round by round.
+(MKL), of ticketlab's dense GEMM (``kernels.gemm``: what a layer that stays dense runs when it
+measures faster than MKL; on AMD Zen 5 it is twice as fast) and of the best sparse kernel
+variant (every token block and column chunk the calibration tries), on one thread, in CPU time
+of the calling thread (``time.thread_time``: the other load on a shared machine does not reach
+it) beside wall time, interleaved round by round.
 
-It prints the speed-up of sparse over dense, the gain of paired rows (``pack_weight``'s layout)
-over the same kernel with every row single (random masks share fewer columns than trained
-ones: the gain on a real ticket is larger), and the kernel's efficiency per *useful* FLOP
-relative to MKL (``speed-up * density``: 1.0 would mean the sparse kernel multiplies a nonzero
-as fast as MKL multiplies any weight). Why: that efficiency is what bounds which density can
-ever run sparse. A sparse layer at density ``d`` is faster than dense only if
-``efficiency > d``; at density 1.0 the kernel does the same FLOPs as MKL while loading 6 bytes
-per weight instead of 4, so it cannot win, and the engine does not even time it above
-``ticketlab.sparse.calibration.MAX_SPARSE_DENSITY``.
+It prints the speed-up of sparse over MKL and over the GEMM, the gain of paired rows
+(``pack_weight``'s layout) over the same kernel with every row single (random masks share fewer
+columns than trained ones: the gain on a real ticket is larger), and the kernel's efficiency
+per *useful* FLOP relative to the faster dense kernel (``speed-up * density``: 1.0 would mean
+the sparse kernel multiplies a nonzero as fast as the dense kernel multiplies any weight). Why:
+that efficiency is what bounds which density can ever run sparse. A sparse layer at density
+``d`` is faster than dense only if ``efficiency > d``; at density 1.0 the kernel does the same
+FLOPs as dense while loading 6 bytes per weight instead of 4, so it cannot win, and the engine
+does not even time it above ``ticketlab.sparse.calibration.MAX_SPARSE_DENSITY``.
 
 Run: ``python benchmarks/bench_kernel.py [--quick]``.
 """
@@ -35,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ticketlab.sparse.calibration import MAX_SPARSE_DENSITY, candidate_variants
-from ticketlab.sparse.kernels import pack_weight, spmm
+from ticketlab.sparse.kernels import gemm, pack_dense, pack_weight, spmm
 
 SHAPES = {"minilm": [(384, 384), (1536, 384), (384, 1536)],
           "bert-base": [(768, 768), (3072, 768), (768, 3072)]}
@@ -71,9 +73,10 @@ def main() -> None:
     models = (args.models or ("minilm" if args.quick else "minilm,bert-base")).split(",")
     print(f"torch {torch.__version__}, 1 thread, load average {os.getloadavg()[0]:.2f}; "
           f"MAX_SPARSE_DENSITY = {MAX_SPARSE_DENSITY}")
-    print("| shape | tokens | density | dense ms (CPU) | best sparse | sparse ms (CPU) | "
-          "speed-up CPU | speed-up wall | efficiency per useful FLOP | paired vs unpaired rows |")
-    print("|---|---:|---:|---:|---|---:|---:|---:|---:|---:|")
+    print("| shape | tokens | density | MKL ms (CPU) | GEMM ms (CPU) | best sparse "
+          "| sparse ms (CPU) | vs MKL CPU | vs MKL wall | vs GEMM CPU | efficiency per useful FLOP "
+          "| paired vs unpaired rows |")
+    print("|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     gen = torch.Generator().manual_seed(0)
     for model in models:
         for n, k in SHAPES[model]:
@@ -83,7 +86,9 @@ def main() -> None:
                 x = torch.randn(t, k, generator=gen)
                 for d in densities:
                     wd = w * (keep < d)
-                    fns = {"dense": lambda wd=wd, x=x: F.linear(x, wd)}
+                    pd = pack_dense(wd)
+                    fns = {"dense": lambda wd=wd, x=x: F.linear(x, wd),
+                           "gemm": lambda pd=pd, x=x: gemm(x, pd, None, 1)}
                     packs = {}
                     for v in candidate_variants(k, t, 1):
                         for pair in (True, False):  # the kernel's layout, and rows unpaired
@@ -92,15 +97,18 @@ def main() -> None:
                             fns[v.name + ("" if pair else " unpaired")] = (
                                 lambda p=packs[v.kc, pair], tb=v.tb, x=x: spmm(x, p, None, tb, 1))
                     best = best_times(fns, args.rounds)
-                    name = min((m for m in best if m != "dense" and not m.endswith("unpaired")),
-                               key=lambda m: best[m][0])
+                    paired = [m for m in best
+                              if m not in ("dense", "gemm") and not m.endswith("unpaired")]
+                    name = min(paired, key=lambda m: best[m][0])
                     single = min((m for m in best if m.endswith("unpaired")),
                                  key=lambda m: best[m][0])
                     dc, dw = best["dense"]
+                    gc = best["gemm"][0]
                     sc, sw = best[name]
-                    print(f"| {n}x{k} | {t} | {d:.2f} | {1e3 * dc:.3f} | {name} | {1e3 * sc:.3f} "
-                          f"| {dc / sc:.2f}x | {dw / sw:.2f}x | {d * dc / sc:.2f} "
-                          f"| {best[single][0] / sc:.2f}x |", flush=True)
+                    print(f"| {n}x{k} | {t} | {d:.2f} | {1e3 * dc:.3f} | {1e3 * gc:.3f} | {name} "
+                          f"| {1e3 * sc:.3f} | {dc / sc:.2f}x | {dw / sw:.2f}x | {gc / sc:.2f}x "
+                          f"| {d * min(dc, gc) / sc:.2f} | {best[single][0] / sc:.2f}x |",
+                          flush=True)
 
 
 if __name__ == "__main__":
