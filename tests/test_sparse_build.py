@@ -182,3 +182,45 @@ def test_two_caches_in_one_process_each_load_their_own_library(tmp_path, monkeyp
         paths.append(path)
     assert paths[0] != paths[1]
     assert all(mapped(p) for p in paths)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.uname().machine != "x86_64",
+                    reason="the narrower x86 targets are built with x86 flags")
+@pytest.mark.parametrize("march", ["x86-64", "haswell"])
+def test_kernel_source_is_exact_on_narrower_vector_targets(tmp_path, monkeypatch, march):
+    """The source also builds for 128-bit (baseline x86-64, the path aarch64 takes too) and
+    256-bit (AVX2) vectors, and computes the same products there: this machine only ever
+    builds its native AVX-512 variant, so a branch for the others could rot unseen (the
+    baseline build once failed to compile: a ``return`` missing in ``vrcp``)."""
+    import ctypes
+
+    import torch
+    import torch.nn.functional as F
+
+    import ticketlab.sparse.kernels as kernels
+
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is needed to build the kernel")
+    flags = [f"-march={march}" if f == "-march=native" else f for f in build.FLAGS]
+    lib_path = tmp_path / f"kernel-{march}.so"
+    subprocess.run(["gcc", *flags, "-o", str(lib_path), str(build.SOURCE)], check=True,
+                   capture_output=True, timeout=300)
+    lib = ctypes.CDLL(str(lib_path))  # this test's own build, not a cache's file
+    build._declare(lib)
+    monkeypatch.setattr(kernels, "load_library", lambda: lib)
+    assert lib.tl_gemm_nr() == (8 if march == "x86-64" else 16)  # 2 vectors of 4 / 8 floats
+    gen = torch.Generator().manual_seed(0)
+    for n, k, t, density in [(96, 64, 50, 0.3), (130, 200, 7, 0.9), (64, 96, 140, 0.6)]:
+        w = torch.randn(n, k, generator=gen) * (torch.rand(n, k, generator=gen) < density)
+        x, bias = torch.randn(t, k, generator=gen), torch.randn(n, generator=gen)
+        ref = F.linear(x, w, bias)
+        for pair in (True, False):
+            packed = kernels.pack_weight(w, 64, pair=pair)
+            for tb in build.TOKEN_BLOCKS:
+                y = kernels.spmm(x, packed, bias, tb, 1)
+                assert torch.allclose(y, ref, atol=1e-4, rtol=1e-5), (march, n, pair, tb)
+        assert torch.allclose(kernels.gemm(x, kernels.pack_dense(w), bias, 1), ref, atol=1e-4,
+                              rtol=1e-5)
+        gelu = kernels.spmm(x, kernels.pack_weight(w, 64), bias, 32, 1,
+                            kernels.Epilogue(act=kernels.ACT_GELU))
+        assert torch.allclose(gelu, F.gelu(ref), atol=1e-5, rtol=1e-5)  # vexp/verf/vrcp
