@@ -9,7 +9,11 @@ pattern, not on the values), at 0/50/70/90/95 % sparsity, batch 1 and 32, on 1 t
 in four engines on the *same* masked weights:
 
 - ``torch``: PyTorch eager, ``model(**batch)`` (the reference for every ratio and every logit);
-- ``ticketlab``: ``ticketlab.accelerate_ticket(model)``;
+- ``ticketlab``: ``ticketlab.accelerate_ticket(model, example=batch)``: each layer's kernel
+  chosen from its own timing, and the ties among them settled by timing this forward
+  (``confirm_plan``);
+- ``ticketlab-layers`` (only when asked for, ``--engines``): the same without ``example``, the
+  plan as the per-layer timings chose it, to see what the forward check changes;
 - ``onnxruntime``: ONNX Runtime (``pip install onnxruntime onnx``, the ``bench`` extra) on an
   ONNX export of the masked model (``torch.onnx.export``, static shapes, all graph
   optimisations);
@@ -65,6 +69,8 @@ from torch import nn
 
 SEQ_LEN = 128
 ENGINES = ("torch", "ticketlab", "onnxruntime", "deepsparse")
+#: Engines run only when named in ``--engines``.
+EXTRA_ENGINES = ("ticketlab-layers",)
 
 
 def installed(engine: str) -> bool:
@@ -153,12 +159,16 @@ def run_cell(model_name: str, batch: int, threads: int, sparsity: float, reps: i
             t0 = time.perf_counter()
             if engine == "torch":
                 fn = lambda: net(**inputs).logits  # noqa: E731
-            elif engine == "ticketlab":
-                fast = accelerate_ticket(net, tokens=(batch * SEQ_LEN,), threads=(threads,))
+            elif engine.startswith("ticketlab"):
+                check = engine == "ticketlab"
+                fast = accelerate_ticket(net, tokens=(batch * SEQ_LEN,), threads=(threads,),
+                                         example=inputs if check else None)
                 fn = lambda fast=fast: fast(**inputs).logits  # noqa: E731
                 layers = sparse_layers(fast).values()
                 used = sum(m.decide(batch * SEQ_LEN, threads) != "dense" for m in layers)
-                extra["ticketlab sparse layers"] = f"{used}/{len(layers)}"
+                extra[f"{engine} sparse layers"] = f"{used}/{len(layers)}"
+                if check:
+                    extra["ticketlab plan check"] = fast.plan_check
             elif engine == "onnxruntime":
                 run = onnxruntime_engine(onnx_path, threads)
                 fn = lambda run=run: torch.from_numpy(run(feed))  # noqa: E731
@@ -205,7 +215,7 @@ def markdown(cells: list[dict[str, Any]], engines: list[str]) -> str:
         if c["sparsity"] == 0:
             t = c["cpu_s"]["torch"]
             dense[(c["model"], c["batch"], c["threads"])] = {
-                e: t / v for e, v in c["cpu_s"].items() if e != "ticketlab"}
+                e: t / v for e, v in c["cpu_s"].items() if not e.startswith("ticketlab")}
     others = [e for e in engines if e != "torch"]
     head = ["model", "batch", "threads", "sparsity", "torch eager ms (CPU)"]
     head += [f"{e} vs torch" for e in others]
@@ -228,15 +238,17 @@ def markdown(cells: list[dict[str, Any]], engines: list[str]) -> str:
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "| model | batch | threads | sparsity | " + " | ".join(
         f"{e} ms CPU / wall" for e in engines) + " | max abs Δ logit vs torch | ticketlab "
-        "sparse layers | load before / after |", "|---|---:|---:|---:|" + "---:|" * len(engines)
-        + "---|---:|---|"]
+        "sparse layers (flipped by the plan check) | load before / after |",
+        "|---|---:|---:|---:|" + "---:|" * len(engines) + "---|---:|---|"]
     for c in cells:
         ms = [f"{1e3 * c['cpu_s'][e]:.1f} / {1e3 * c['wall_s'][e]:.1f}" if e in c["cpu_s"]
               else "–" for e in engines]
         diffs = ", ".join(f"{e} {v:.1e}" for e, v in c["max_logit_diff"].items() if e != "torch")
+        flipped = sum(len(g["layers"]) for g in c.get("ticketlab plan check", [])
+                      if g["flipped"])
         lines.append(f"| {c['model']} | {c['batch']} | {c['threads']} | {c['sparsity']:.0%} | "
                      + " | ".join(ms) + f" | {diffs} | {c.get('ticketlab sparse layers', '–')} "
-                     f"| {c.get('load', '–')} |")
+                     f"({flipped}) | {c.get('load', '–')} |")
     return "\n".join(lines)
 
 
@@ -258,9 +270,9 @@ def main() -> None:
     parser.add_argument("--cell-out", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     engines = [e for e in args.engines.split(",") if e]
-    bad = [e for e in engines if e not in ENGINES]
+    bad = [e for e in engines if e not in ENGINES + EXTRA_ENGINES]
     if bad:
-        parser.error(f"unknown engines {bad}; choose from {ENGINES}")
+        parser.error(f"unknown engines {bad}; choose from {ENGINES + EXTRA_ENGINES}")
     if "torch" not in engines:
         engines.insert(0, "torch")
 

@@ -502,3 +502,86 @@ def test_every_timed_call_follows_a_cache_eviction_outside_the_clock():
     before_x = x.clone()
     evict_caches(x)
     assert torch.equal(x, before_x)
+
+
+def test_ties_are_settled_by_timing_the_whole_forward():
+    """Layers level with dense when timed alone are flipped only where the forward says so.
+
+    The clock is driven by the kernels that actually ran: layer 0 (dense, tied) makes the
+    forward faster when sparse, so it flips; layer 1 (sparse, a narrow win) makes it slower
+    when dense, so it stays; layer 2 (a clear sparse win) and layer 3 (unpruned, whatever the
+    table claims) are never tried."""
+    from ticketlab.sparse import confirm_plan
+
+    g = torch.Generator().manual_seed(3)
+    net = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(4)])
+    with torch.no_grad():
+        for i, m in enumerate(net[:3]):  # distinct densities: one table key each
+            m.weight.copy_(sparse_matrix(64, 64, 0.5 + 0.1 * i, seed=i))
+    table = CalibrationTable()
+    claims = [{DENSE: 1.0, "tb64-kc64": 0.98}, {DENSE: 1.0, "tb64-kc64": 0.92},
+              {DENSE: 1.0, "tb64-kc64": 0.4}, {DENSE: 1.0, "tb64-kc64": 0.5}]
+    for m, timings in zip(net, claims, strict=True):
+        density = float((m.weight != 0).float().mean())
+        table.entries[table_key(64, 64, density, 128, 1)] = timings
+    #: forward cost of each layer by the kind of kernel it ran
+    cost = {"0": {"dense": 1.0, "sparse": 0.8}, "1": {"dense": 1.2, "sparse": 1.0},
+            "2": {"dense": 2.0, "sparse": 1.0}, "3": {"dense": 1.0, "sparse": 0.1}}
+    clock = FakeClock()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fast = accelerate_ticket(net, tokens=(128,), threads=(1,), table=table)
+        layers = sparse_layers(fast)
+        assert {n: m.plan[(128, 1)] for n, m in layers.items()} == {
+            "0": DENSE, "1": "tb64-kc64", "2": "tb64-kc64", "3": DENSE}
+        for name, m in layers.items():
+            def tick(mod, args, out, name=name):
+                kind = "dense" if mod.kernel(args[0].shape[0], 1) in DENSE_KINDS else "sparse"
+                clock.now += cost[name][kind]
+            m.register_forward_hook(tick)
+        x = torch.randn(128, 64, generator=g)
+        report = confirm_plan(fast, x, clock=clock)
+    finally:
+        torch.set_num_threads(previous)
+    assert [(r["layers"], r["from"], r["flipped"]) for r in report] == [
+        (["0"], "dense", True), (["1"], "sparse", False)]
+    # the other layers add 3.0 (layers 1, 2, 3 as planned), then 2.8 (layer 0 now sparse)
+    assert report[0]["median_ratio"] == pytest.approx((0.8 + 3.0) / (1.0 + 3.0))
+    assert report[1]["median_ratio"] == pytest.approx((1.2 + 2.8) / (1.0 + 2.8))
+    assert {n: m.plan[(128, 1)] for n, m in layers.items()} == {
+        "0": "tb64-kc64", "1": "tb64-kc64", "2": "tb64-kc64", "3": DENSE}
+    assert 64 in layers["0"].packed and not layers["3"].packed
+    with torch.inference_mode():
+        assert (fast(x) - net(x)).abs().max() <= 1e-5
+
+
+def test_accelerate_ticket_with_an_example_reports_its_plan_check(tiny_bert_dir):
+    """``example=`` runs the check on the real forward (real clock): the report names every
+    tie it tried, the plan keeps only known kernels, and the outputs still match."""
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(tiny_bert_dir).eval()
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for name, m in model.named_modules():  # the pooler unpruned: never a tie
+            if isinstance(m, torch.nn.Linear) and "pooler" not in name:
+                m.weight.mul_(torch.rand(m.weight.shape, generator=g) >= 0.5)
+    table = CalibrationTable()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):  # every pruned layer a tie
+            density = float((m.weight != 0).float().mean())
+            table.entries[table_key(m.out_features, m.in_features, density, 64, 1)] = {
+                DENSE: 1.0, GEMM: 1.0, "tb32-kc64": 0.99}
+    batch = {"input_ids": torch.randint(1000, 30000, (1, 64), generator=g)}
+    fast = accelerate_ticket(model, tokens=(64,), threads=(1,), table=table, example=batch)
+    tied = {n for n, m in sparse_layers(fast).items() if m.density <= MAX_SPARSE_DENSITY}
+    assert tied and {n for r in fast.plan_check for n in r["layers"]} == tied
+    assert all(r["from"] == "dense" and r["threads"] == 1 for r in fast.plan_check)
+    layers = sparse_layers(fast)
+    for r in fast.plan_check:
+        expect = "tb32-kc64" if r["flipped"] else GEMM
+        assert all(layers[n].kernels[(token_bucket(64), 1)] == expect for n in r["layers"])
+    with torch.inference_mode():
+        diff = (model(**batch).last_hidden_state - fast(**batch).last_hidden_state)
+    assert diff.abs().max() <= 1e-4

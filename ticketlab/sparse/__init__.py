@@ -14,10 +14,11 @@ from ticketlab.sparse.calibration import CalibrationTable, choose, table_key, to
 from ticketlab.sparse.engine import (
     SparseLinear,
     accelerate_ticket,
+    confirm_plan,
     plan_summary,
     register_rewrite,
     sparse_layers,
 )
 
-__all__ = ["CalibrationTable", "SparseLinear", "accelerate_ticket", "choose", "plan_summary",
-           "register_rewrite", "sparse_layers", "table_key", "token_bucket"]
+__all__ = ["CalibrationTable", "SparseLinear", "accelerate_ticket", "choose", "confirm_plan",
+           "plan_summary", "register_rewrite", "sparse_layers", "table_key", "token_bucket"]

@@ -36,7 +36,9 @@ parameters do not require gradients.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +53,7 @@ from ticketlab.sparse.calibration import (
     DENSE_KINDS,
     GEMM,
     CalibrationTable,
+    best_dense,
     can_run_sparse,
     choose,
     measure_layer,
@@ -141,6 +144,44 @@ class SparseLinear(nn.Linear):
         """``"dense"`` or the sparse variant that runs ``tokens`` tokens on ``threads`` threads."""
         choice = self.kernel(tokens, threads)
         return DENSE if choice in DENSE_KINDS else choice
+
+    def set_kernel(self, tokens: int, threads: int, choice: str) -> None:
+        """Run ``tokens`` tokens on ``threads`` threads on ``choice`` ("dense", "gemm" or a
+        sparse variant's name) from now on, packing what it needs (:func:`confirm_plan`)."""
+        if choice not in DENSE_KINDS:
+            kc = Variant.parse(choice).kc
+            if kc not in self.packed:
+                self.packed[kc] = pack_weight(self.weight, kc)
+        elif choice == GEMM and self.packed_dense is None:
+            self.packed_dense = pack_dense(self.weight)
+        self.kernels[(token_bucket(tokens), threads)] = choice
+        self._seen.clear()
+
+    def tie_alternative(self, tokens: int, threads: int) -> str | None:
+        """The kernel on the other side of a tie, or None if this layer's choice is clear.
+
+        A tie: the best sparse variant timed within ``margin`` of the choice bar (dense time x
+        ``(1 - margin)``) on either side, i.e. between ``1 - 2 margin`` and ``1`` of the best
+        dense time. Timed alone, such a layer is level with dense, and whether sparse or dense
+        is faster inside a forward depends on what the timing of one layer cannot see (on AMD
+        Zen 5, BERT-base's 768 x 3072 layers at density 0.5: 1.05x alone, about 9 % faster in
+        the batch-32 forward). A layer above the density ceiling, with no sparse timing, has no
+        tie: an unpruned layer never runs sparse.
+        """
+        bucket = token_bucket(tokens)
+        choice = self.kernels.get((bucket, threads))
+        key = table_key(self.out_features, self.in_features, self.density, bucket, threads)
+        timings = self.table.get(key)
+        if choice is None or timings is None or not can_run_sparse(self.density):
+            return None
+        sparse = {k: v for k, v in timings.items() if k not in DENSE_KINDS}
+        if not sparse:
+            return None
+        dense = timings[best_dense(timings)]
+        if choice in DENSE_KINDS:
+            best = min(sparse, key=sparse.__getitem__)
+            return best if sparse[best] < dense else None
+        return best_dense(timings) if timings[choice] > dense * (1 - 2 * self.margin) else None
 
     def _dense_choice(self, bucket: int, threads: int) -> str:
         """MKL or the GEMM for a layer that cannot run sparse: timed once per key, no sparse
@@ -309,6 +350,7 @@ def accelerate_ticket(
     names: Iterable[str] | None = None,
     margin: float = DEFAULT_MARGIN,
     fuse: bool = True,
+    example: Any = None,
 ) -> nn.Module:
     """A copy of ``model`` (sharing its weights) whose layers run ticketlab's fastest kernels.
 
@@ -320,6 +362,12 @@ def accelerate_ticket(
     encoder). ``margin``: how much faster than dense a sparse kernel must measure to be used.
     ``fuse=False`` keeps every layer's own forward and only swaps the Linears (the engine as it
     was before fused layers; for comparisons).
+
+    ``example``: inputs of the forward the model will serve (a dict of keyword arguments, a
+    tuple of positional ones, or one tensor). With it, the layers whose measured choice is a
+    tie are settled by timing that whole forward both ways (:func:`confirm_plan`; on each of
+    ``threads``); the result is on ``fast.plan_check``. It costs a few dozen forwards, and is
+    not cached: pass it when the model will serve that input size for long.
 
     The result is in eval mode, its parameters do not require gradients, and the input model is
     left untouched. Outputs match the dense model up to float32 summation order.
@@ -349,7 +397,99 @@ def accelerate_ticket(
         for th in thread_counts:
             for t in tokens:
                 layer.kernel(t, th)
+    if example is not None:
+        previous = torch.get_num_threads()
+        checks = []
+        try:
+            for th in thread_counts:
+                torch.set_num_threads(th)
+                checks += confirm_plan(fast, example)
+        finally:
+            torch.set_num_threads(previous)
+        fast.plan_check = checks
     return fast
+
+
+#: Paired forwards (current plan, then flipped, order alternating) that settle one tie group.
+PLAN_ROUNDS = 6
+#: How much faster (median pair ratio) a group's flipped plan must make the forward.
+PLAN_MARGIN = 0.01
+
+
+def _call(model: nn.Module, example: Any) -> Any:
+    if isinstance(example, Mapping):
+        return model(**example)
+    if isinstance(example, tuple):
+        return model(*example)
+    return model(example)
+
+
+@torch.no_grad()
+def confirm_plan(model: nn.Module, example: Any, rounds: int = PLAN_ROUNDS,
+                 margin: float = PLAN_MARGIN, budget_s: float = 60.0,
+                 clock: Callable[[], float] | None = None) -> list[dict[str, Any]]:
+    """Settle the tied layers of an accelerated model by timing its whole forward on
+    ``example`` both ways, on the current thread count; return what was tried.
+
+    Why: a layer's kernel is chosen from a timing of that layer alone (its weights out of L2,
+    random activations). Where the sparse and the dense kernel are level there
+    (:meth:`SparseLinear.tie_alternative`), the forward can still prefer one clearly: its
+    weights come from memory rather than L3, a sparse weight is fewer bytes, and the products
+    before and after share the caches. Timing the forward measures exactly that.
+
+    The tied layers are grouped by shape and by the side they are on (e.g. "the 12 FFN
+    outputs, dense now"), largest product first. For each group, the forward is timed in
+    ``rounds`` adjacent pairs, the current plan and the group flipped, order alternating
+    (CPU time of this thread on one thread, wall time on more), and the flip is kept only if
+    it is faster in most pairs and by ``margin`` in the median pair ratio. Groups are tried one
+    after the other (a kept flip stays for the next), until ``budget_s`` is spent.
+    """
+    threads = torch.get_num_threads()
+    clock = clock or (time.thread_time if threads == 1 else time.perf_counter)
+    layers = sparse_layers(model)
+    for layer in layers.values():
+        layer._seen.clear()
+    _call(model, example)  # calibrates the token counts this input needs, and warms up
+    groups: dict[tuple[int, int, bool], list[tuple[SparseLinear, int, str, str]]] = {}
+    for layer in layers.values():
+        for rows in sorted({token_bucket(r) for r, th in layer._seen if th == threads}):
+            current = layer.kernel(rows, threads)
+            alt = layer.tie_alternative(rows, threads)
+            if alt is not None:
+                key = (layer.out_features, layer.in_features, current in DENSE_KINDS)
+                groups.setdefault(key, []).append((layer, rows, current, alt))
+    order = sorted(groups, key=lambda g: -len(groups[g]) * g[0] * g[1])
+    report: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    for g in order:
+        if time.perf_counter() - start > budget_s:
+            break
+        members = groups[g]
+
+        def flip(to_alt: bool, members: list = members) -> None:
+            for layer, rows, current, alt in members:
+                layer.set_kernel(rows, threads, alt if to_alt else current)
+
+        ratios = []
+        for r in range(rounds):
+            pair = {}
+            for state in ((False, True) if r % 2 == 0 else (True, False)):
+                flip(state)
+                t0 = clock()
+                _call(model, example)
+                pair[state] = clock() - t0
+            ratios.append(pair[True] / pair[False])
+        ratios.sort()
+        median = ratios[len(ratios) // 2] if rounds % 2 else math.sqrt(
+            ratios[rounds // 2 - 1] * ratios[rounds // 2])
+        keep = median < 1 - margin and 2 * sum(q < 1 for q in ratios) > rounds
+        flip(keep)
+        names = [n for n, m in layers.items() if any(m is x[0] for x in members)]
+        report.append({"shape": [g[0], g[1]], "layers": names, "threads": threads,
+                       "from": "dense" if g[2] else "sparse",
+                       "to": "sparse" if g[2] else "dense", "median_ratio": median,
+                       "flipped": keep})
+    return report
 
 
 def _linear_only(module: nn.Module, ctx: RewriteContext) -> None:
