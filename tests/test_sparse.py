@@ -61,19 +61,23 @@ def unpack(p) -> torch.Tensor:
     """Dense matrix back from the packed layout (independent of the kernel): every row's own
     nonzeros, then each pair's shared columns."""
     out = torch.zeros(p.out_features, p.in_features)
-    rowptr = p.rowptr.long().view(p.ncb, 2 * p.ngroups + 1)
-    sptr = p.sptr.long().view(p.ncb, p.ngroups + 1)
+    ntiles = p.tgroup.numel() - 1
+    rowptr = p.rowptr.long().view(p.ncb, 2 * p.ngroups + ntiles)
+    sptr = p.sptr.long().view(p.ncb, p.ngroups + ntiles)
     groups = p.groups.long().view(-1, 2).tolist()
     slots = [r for g in groups for r in g]  # CSR row 2g is row a of group g, 2g+1 row b
+    tile_of = torch.searchsorted(p.tgroup.long(), torch.arange(p.ngroups), right=True) - 1
     for c in range(p.ncb):
         for slot, r in enumerate(slots):
-            lo, hi = int(rowptr[c, slot]), int(rowptr[c, slot + 1])
+            t = int(tile_of[slot // 2])  # one extra pointer per tile before this one
+            lo, hi = int(rowptr[c, slot + t]), int(rowptr[c, slot + t + 1])
             if r < 0:
                 assert lo == hi  # a single row's empty partner
                 continue
             out[r, c * p.kc + p.idx[lo:hi].long()] = p.val[lo:hi]
         for g, (a, b) in enumerate(groups):
-            lo, hi = int(sptr[c, g]), int(sptr[c, g + 1])
+            t = int(tile_of[g])
+            lo, hi = int(sptr[c, g + t]), int(sptr[c, g + t + 1])
             if b < 0:
                 assert lo == hi  # a single row has no shared columns
                 continue
@@ -92,6 +96,30 @@ def test_packing_round_trips(kc, pair):
     assert packed.nnz == int((w != 0).sum())
     assert torch.equal(unpack(packed), w)
     assert (packed.sval.numel() > 0) == pair
+
+
+
+@pytest.mark.parametrize("kc", [16, 64])
+def test_both_streams_are_stored_in_the_order_the_kernel_reads_them(kc):
+    """Per token block the kernel visits tile by tile, chunk by chunk within a tile, then each
+    pair's shared columns and each slot's own nonzeros: those ranges must tile ``sval`` and
+    ``val`` front to back, so that a cold weight is one sequential stream (not one per chunk)."""
+    w = sparse_matrix(3 * load_library().tl_tile_rows() + 9, 200, 0.5, seed=2)
+    p = pack_weight(w, kc)
+    ntiles = p.tgroup.numel() - 1
+    rowptr = p.rowptr.long().view(p.ncb, 2 * p.ngroups + ntiles)
+    sptr = p.sptr.long().view(p.ncb, p.ngroups + ntiles)
+    own_end = shared_end = 0
+    bounds = p.tgroup.tolist()
+    for t in range(ntiles):
+        for c in range(p.ncb):
+            for g in range(bounds[t], bounds[t + 1]):
+                assert sptr[c, g + t] == shared_end  # starts where the previous read ended
+                shared_end = int(sptr[c, g + t + 1])
+                for slot in (2 * g, 2 * g + 1):
+                    assert rowptr[c, slot + t] == own_end
+                    own_end = int(rowptr[c, slot + t + 1])
+    assert own_end == p.val.numel() and shared_end == p.sidx.numel() > 0
 
 
 def test_rows_are_paired_within_their_tile_by_shared_columns():

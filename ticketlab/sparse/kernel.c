@@ -23,7 +23,9 @@
  *   own row pointers (int32, absolute) and column indices relative to the chunk (int16), so a
  *   chunk's slice of Xb (KC * TB * 4 bytes: 64 KiB at KC = 256, TB = 64) stays in L1/L2 while
  *   every row of a row chunk streams its nonzeros through it. Partial sums of a row chunk live in
- *   a small buffer between chunks.
+ *   a small buffer between chunks. The nonzeros are stored tile-major (a tile's chunk 0, its
+ *   chunk 1, ..., then the next tile), the order this loop reads them, so the weight is one
+ *   sequential stream for the hardware prefetcher.
  * - Rows are paired within each tile of RC rows by the columns they share. The kernel is bound
  *   by loads (per nonzero: TB/VW loads of X^T, a value and an index for TB/VW FMAs), so a column
  *   two rows share is done as one load of X^T feeding two FMA chains: in isolation 158 against
@@ -62,7 +64,7 @@
 #include <immintrin.h>
 #endif
 
-#define TL_ABI_VERSION 4
+#define TL_ABI_VERSION 5
 #define RC 32 /* output rows per tile */
 
 /* Accumulators are native-width vectors: wider GCC vectors than the hardware has are lowered
@@ -341,10 +343,12 @@ static void tile_##TB(const float* xt, int K, int kc, const int32_t* rowptr,    
                       int64_t t0, int64_t rows, const float* bias, float* y, int act) {        \
     enum { NV = TB / VW };                                                                     \
     vf acc[RC][NV] __attribute__((aligned(64)));                                               \
-    const int g0 = tgroup[n0 / RC], g1 = tgroup[n0 / RC + 1];                                  \
+    const int tile = n0 / RC, ntiles = (N + RC - 1) / RC;                                      \
+    const int g0 = tgroup[tile], g1 = tgroup[tile + 1];                                        \
     for (int c = 0; c < ncb; c++) {                                                            \
-        const int32_t* rp = rowptr + (int64_t)c * (2 * ngroups + 1);                           \
-        const int32_t* sp = sptr + (int64_t)c * (ngroups + 1);                                 \
+        /* tile-major storage: one extra pointer per tile closes its last slot */              \
+        const int32_t* rp = rowptr + (int64_t)c * (2 * ngroups + ntiles) + tile;               \
+        const int32_t* sp = sptr + (int64_t)c * (ngroups + ntiles) + tile;                     \
         const float* xc = xt + (int64_t)c * kc * TB;                                           \
         for (int g = g0; g < g1; g++) {                                                        \
             const int ra = grows[2 * g], rb = grows[2 * g + 1];                                \
