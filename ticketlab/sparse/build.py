@@ -51,7 +51,7 @@ from typing import Any
 from ticketlab.errors import TicketlabError
 
 SOURCE = Path(__file__).with_name("kernel.c")
-ABI_VERSION = 5
+ABI_VERSION = 6
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
 #: Token-block widths compiled into the library (``tl_spmm_tb{TB}``).
 TOKEN_BLOCKS = (16, 32, 64, 128)
