@@ -32,7 +32,7 @@ from ticketlab.sparse.calibration import (
 from ticketlab.sparse.fused import fused_layers
 from ticketlab.sparse.kernels import Variant, pack_weight, spmm
 
-VARIANTS = [Variant(tb, kc) for tb in TOKEN_BLOCKS for kc in (16, 64, 512)]
+VARIANTS = [Variant(tb, kc) for tb in TOKEN_BLOCKS for kc in (16, 64, 96, 512)]
 
 
 @pytest.fixture(scope="module", autouse=True)

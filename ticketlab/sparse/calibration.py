@@ -41,8 +41,8 @@ from ticketlab.sparse.kernels import (
 )
 
 TABLE_FORMAT = "ticketlab.calibration"
-TABLE_VERSION = 6  # 3: weights out of L2 (see evict_caches); 4: paired rows; 5: tile-major;
-# 6: spread panel prefetch
+TABLE_VERSION = 7  # 3: weights out of L2 (see evict_caches); 4: paired rows; 5: tile-major;
+# 6: spread panel prefetch; 7: column chunks of 96 and 192
 #: Token counts calibrated for; a call with T tokens uses the nearest one (in log scale).
 TOKEN_BUCKETS = (16, 128, 1024)
 #: Density is bucketed to this step in the table's keys.
