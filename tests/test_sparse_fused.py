@@ -263,3 +263,38 @@ def test_reused_scratch_buffers_never_leak_into_outputs():
     assert (ref - first.logits).abs().max() <= 1e-5
     with torch.no_grad():  # outside inference mode: its own buffers (inference ones are frozen)
         assert (fast(input_ids=a).logits - ref).abs().max() <= 1e-5
+
+
+def test_layer_program_is_one_call_and_equals_the_per_product_path(monkeypatch):
+    """With every product on ticketlab's kernels a fused layer runs as one C call; it computes
+    exactly what the seven calls from Python compute, and a changed plan rebuilds it."""
+    from ticketlab.sparse import fused
+
+    model = tiny("bert")
+    prune_randomly(model, 0.7)
+    fast = accelerate_ticket(model, tokens=(40,), threads=(1,))
+    for i, m in enumerate(sparse_layers(fast).values()):  # MKL cannot be called from C
+        m.set_kernel(40, 1, ("tb16-kc64", "tb32-kc128", GEMM)[i % 3])
+    ids = torch.randint(5, 500, (2, 20), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[0, 13:] = 0
+    torch.set_num_threads(1)
+    with torch.inference_mode():
+        out = fast(input_ids=ids, attention_mask=mask).logits
+        layers = list(fused_layers(fast).values())
+        progs = [fused._programs[layer][(2, 20, 1)] for layer in layers]
+        monkeypatch.setattr(fused, "LAYER_PROGRAMS", False)
+        per_product = fast(input_ids=ids, attention_mask=mask).logits
+        monkeypatch.setattr(fused, "LAYER_PROGRAMS", True)
+        assert torch.equal(out, per_product)
+        assert (out - model(input_ids=ids, attention_mask=mask).logits).abs().max() <= 1e-4
+        kinds = {int(k) for p in progs for k in p.ints[:6 * 16:16]}
+        assert kinds == {0, 16, 32}, kinds  # GEMM and sparse products inside the program
+        layers[0]._tl_parts.query.set_kernel(40, 1, "tb64-kc64")
+        again = fast(input_ids=ids, attention_mask=mask).logits
+        assert fused._programs[layers[0]][(2, 20, 1)] is not progs[0]  # rebuilt
+        assert fused._programs[layers[1]][(2, 20, 1)] is progs[1]  # untouched
+        assert (again - out).abs().max() <= 1e-5
+        layers[0]._tl_parts.ffn_out.set_kernel(40, 1, DENSE)  # MKL: product by product
+        assert layers[0]._tl_program(2, 20) is None
+        assert (fast(input_ids=ids, attention_mask=mask).logits - out).abs().max() <= 1e-5

@@ -51,7 +51,7 @@ from typing import Any
 from ticketlab.errors import TicketlabError
 
 SOURCE = Path(__file__).with_name("kernel.c")
-ABI_VERSION = 6
+ABI_VERSION = 7
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
 #: Token-block widths compiled into the library (``tl_spmm_tb{TB}``).
 TOKEN_BLOCKS = (16, 32, 64, 128)
@@ -418,11 +418,15 @@ def _declare(lib: ctypes.CDLL) -> None:
         "tl_epilogue": [p, i64, i32, *epilogue, i32],
         # q, ldq, k, ldk, v, ldv, B, T, H, d, kbias, scale, out, ldo, ws, nthreads
         "tl_attention": [p, i64, p, i64, p, i64, i32, i32, i32, i32, p, f32, p, i64, p, i32],
+        "tl_product_slots": [],
+        # prog, fparams, x, B, T, kbias, q, k, v, ctx, a, ffn, y, ws, nthreads
+        "tl_encoder_layer": [p, p, p, i32, i32, p, p, p, p, p, p, p, p, p, i32],
     }
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
         fn.argtypes = argtypes
         fn.restype = {"tl_gemm_nr": ctypes.c_int, "tl_tile_rows": ctypes.c_int,
+                      "tl_product_slots": ctypes.c_int,
                       "tl_gemm_ws": ctypes.c_int64}.get(name)
 
 

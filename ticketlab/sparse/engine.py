@@ -209,20 +209,28 @@ class SparseLinear(nn.Linear):
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
         return not needs_grad and x.dtype == torch.float32 and x.device.type == "cpu"
 
-    def run(self, x2: torch.Tensor, epilogue: Epilogue = NO_EPILOGUE,
-            out: torch.Tensor | None = None) -> torch.Tensor:
-        """``epilogue(x2 @ W.T + b)`` for a 2-D float32 CPU input, on the chosen kernel (into
-        ``out``, a contiguous ``[rows, out_features]`` float32 tensor, if given)."""
-        threads = torch.get_num_threads()
-        key = (x2.shape[0], threads)
-        seen = self._seen.get(key)  # the per-call fast path: no bucketing, no table lookup
+    def call_plan(self, rows: int, threads: int) -> tuple[str, Variant | None]:
+        """The kernel for ``rows`` input rows on ``threads`` threads and its parsed variant (None
+        for a dense kind), memoised per (rows, threads): the per-call fast path, with no
+        bucketing and no table lookup. The returned tuple is the same object until the plan
+        changes (:meth:`set_kernel` clears the memo), which fused layers rely on to know that
+        their one-call program (``fused.LayerProgram``) is still the plan."""
+        key = (rows, threads)
+        seen = self._seen.get(key)
         if seen is None:
             if len(self._seen) > 4096:  # many distinct input sizes: keep the memo bounded
                 self._seen.clear()
             choice = self.kernel(*key)
             seen = self._seen[key] = (choice, None if choice in DENSE_KINDS
                                       else Variant.parse(choice))
-        choice, v = seen
+        return seen
+
+    def run(self, x2: torch.Tensor, epilogue: Epilogue = NO_EPILOGUE,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+        """``epilogue(x2 @ W.T + b)`` for a 2-D float32 CPU input, on the chosen kernel (into
+        ``out``, a contiguous ``[rows, out_features]`` float32 tensor, if given)."""
+        threads = torch.get_num_threads()
+        choice, v = self.call_plan(x2.shape[0], threads)
         if v is not None:
             return spmm(x2, self.packed[v.kc], self.bias, v.tb, v.threads or threads, epilogue,
                         out)
