@@ -54,7 +54,9 @@
  *   on AMD Zen 4, MKL's sgemm reaches 70-90 GFLOP/s on these shapes, this kernel 100-115; on an
  *   Intel Xeon with AVX-512, MKL 145-164 and this kernel 149-174 (1 thread, 128 tokens);
  * - attention (softmax(Q K^T * scale + key mask) V) read straight from the token-major Q/K/V
- *   projections, one (sequence, head) per job, no transposes through PyTorch.
+ *   projections, one (sequence, head) per job, no transposes through PyTorch;
+ * - a whole encoder layer in one call (tl_encoder_layer), so that Python is not between its
+ *   seven kernel calls.
  * See ticketlab/sparse/fused.py for how a layer is put together from them.
  */
 #include <stdint.h>
