@@ -56,6 +56,9 @@ from ticketlab.sparse.kernels import (
     _workspace_for,
     apply_epilogue,
     attention,
+    attention_workspace,
+    key_bias_operand,
+    spmm_workspace,
 )
 
 
@@ -299,10 +302,10 @@ def _descriptor(lin: SparseLinear, plan: tuple, rows: int, threads: int,
                 int(lib.tl_gemm_ws(rows, k, threads)))
     w = lin.packed[v.kc]
     th = v.threads or threads
-    blocks = max((rows + v.tb - 1) // v.tb, th)
     return ([v.tb, th, n, k, w.kc, w.ncb, w.ngroups, bias, w.rowptr.data_ptr(),
              w.idx.data_ptr(), w.val.data_ptr(), w.groups.data_ptr(), w.tgroup.data_ptr(),
-             w.sptr.data_ptr(), w.sidx.data_ptr(), w.sval.data_ptr()], blocks * k * v.tb)
+             w.sptr.data_ptr(), w.sidx.data_ptr(), w.sval.data_ptr()],
+            spmm_workspace(rows, k, v.tb, th))
 
 
 class FusedEncoderLayer(nn.Module):
@@ -352,7 +355,6 @@ class FusedEncoderLayer(nn.Module):
                                                             p.ln2.eps)))
         return y.view(b, t, h)
 
-
     def _tl_program(self, b: int, t: int) -> LayerProgram | None:
         """This layer's one-call program for ``b`` sequences of ``t`` tokens on the current
         thread count, built on first use and whenever the plan or a pointer changed; None if a
@@ -387,9 +389,7 @@ class FusedEncoderLayer(nn.Module):
             need = max(need, ws)
         if len(ints) != 6 * lib.tl_product_slots():
             raise RuntimeError("the kernel library's layer descriptor does not match fused.py")
-        vw = lib.tl_gemm_nr() // 2
-        tp = (t + vw - 1) // vw * vw
-        need = max(need, threads * (p.head_dim + 9) * tp)  # tl_attention's scratch
+        need = max(need, attention_workspace(t, p.head_dim, threads))
         ints += [p.heads, p.head_dim, p.act, p.ln1.weight.data_ptr(), p.ln1.bias.data_ptr(),
                  p.ln2.weight.data_ptr(), p.ln2.bias.data_ptr()]
         prog = LayerProgram(signature, torch.tensor(ints, dtype=torch.int64),
@@ -406,10 +406,7 @@ class FusedEncoderLayer(nn.Module):
         p = self._tl_parts
         n, h = x.shape
         w = p.heads * p.head_dim
-        if bias is not None:
-            bias = bias.to(torch.float32).contiguous()
-            if bias.shape != (b, t):
-                raise ValueError(f"key bias must be [{b}, {t}]")
+        bias = key_bias_operand(bias, b, t)
         y = torch.empty(n, h, dtype=torch.float32)
         bufs = (scratch("q", n, w), scratch("k", n, w), scratch("v", n, w),
                 scratch("ctx", n, w), scratch("a", n, h),

@@ -303,6 +303,31 @@ def _operands(x: torch.Tensor, packed: Any, out: torch.Tensor | None
     return x.contiguous(), output(out, x.shape[0], packed.out_features)
 
 
+def spmm_workspace(rows: int, in_features: int, tb: int, threads: int) -> int:
+    """Scratch floats ``tl_spmm_tb{tb}`` needs: one packed ``X^T`` block per token block or
+    thread, whichever is more."""
+    return max((rows + tb - 1) // tb, threads) * in_features * tb
+
+
+def attention_workspace(seq: int, head_dim: int, threads: int) -> int:
+    """Scratch floats ``tl_attention`` needs: per thread ``Kt [d][Tp]``, ``QB = 8`` score rows
+    and a bias row, ``Tp`` being ``seq`` rounded up to the vector width."""
+    vw = load_library().tl_gemm_nr() // 2
+    tp = (seq + vw - 1) // vw * vw
+    return threads * (head_dim + 9) * tp
+
+
+def key_bias_operand(key_bias: torch.Tensor | None, batch: int, seq: int
+                     ) -> torch.Tensor | None:
+    """``key_bias`` as the contiguous float32 ``[batch, seq]`` the attention kernel reads."""
+    if key_bias is None:
+        return None
+    key_bias = key_bias.to(torch.float32).contiguous()
+    if key_bias.shape != (batch, seq):
+        raise ValueError(f"key_bias must be [{batch}, {seq}]")
+    return key_bias
+
+
 def spmm(
     x: torch.Tensor,
     packed: PackedWeight,
@@ -321,8 +346,7 @@ def spmm(
     if t == 0:
         return y
     threads = threads or torch.get_num_threads()
-    blocks = max((t + tb - 1) // tb, threads)
-    ws = _workspace_for(blocks * k * tb)
+    ws = _workspace_for(spmm_workspace(t, k, tb, threads))
     b = bias.contiguous() if bias is not None else None
     getattr(load_library(), f"tl_spmm_tb{tb}")(
         x.data_ptr(), t, k, ws.data_ptr(), packed.kc, packed.ncb,
@@ -415,13 +439,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: int, seq
     out = output(out, batch * seq, width)
     if batch * seq == 0:
         return out
-    if key_bias is not None:
-        key_bias = key_bias.to(torch.float32).contiguous()
-        if key_bias.shape != (batch, seq):
-            raise ValueError(f"key_bias must be [{batch}, {seq}]")
+    key_bias = key_bias_operand(key_bias, batch, seq)
     threads = threads or torch.get_num_threads()
-    tp = (seq + vw - 1) // vw * vw
-    ws = _workspace_for(threads * (head_dim + 9) * tp)
+    ws = _workspace_for(attention_workspace(seq, head_dim, threads))
     lib.tl_attention(q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(),
                      v.stride(0), batch, seq, heads, head_dim,
                      key_bias.data_ptr() if key_bias is not None else None, float(scale),
